@@ -1,0 +1,167 @@
+"""The reference kernel: a tiled online softmax in plain torch, forward and recompute backward.
+
+Notation (the op's contract, shared by every kernel):
+    q: [B, Hq, M, D]   k: [B, Hkv, N, D]   v: [B, Hkv, N, Dv]   G = Hq // Hkv (GQA group)
+    bias: None or 4-D, broadcastable to [B, Hq, M, N]   mask: None or bool 4-D, same; True = keep
+    s = scale * q @ k^T + bias
+    s = where(mask, s, mask_value)            # the user's fill value, -inf or finite
+    s = where(j <= i, s, -inf) if causal      # top-left aligned, like torch.tril
+    p = softmax(s, -1);  p = p * keep / (1 - dropout_p)  (keep from flashfuse.kernels.philox)
+    out = p @ v: [B, Hq, M, Dv]
+    logsumexp(s, -1) = m + log_l, both [B, Hq, M] fp32: m the row max, log_l = log(sum exp(s - m))
+
+In the backward, dS is zero wherever the mask replaced a score (its fill value is a constant),
+so dq, dk and dbias get nothing from those positions even when the fill value is finite.
+The logsumexp stays an unevaluated sum because masks filled with finfo.min put m near
+-3.4e38, where one fp32 number cannot also hold log_l; the backward needs s - m exactly as the
+forward had it. A row whose every key is at -inf gives NaN, as eager softmax does.
+
+It walks key blocks of BLOCK_N columns, so it holds [B, Hq, M, BLOCK_N] scores at a time and
+never the M x N matrix; the backward recomputes each block's probabilities from lse. It is
+the kernel the op runs on the CPU; the readable oracle the tests compare against is
+`tests/oracle.py`, which this module never imports.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flashfuse.kernels import philox
+
+BLOCK_N = 256
+
+
+def _grouped(q: Tensor, group: int) -> Tensor:
+    # [B, Hq, M, D] -> [B, Hkv, G, M, D]: q heads h = kvh * G + g share kv head kvh.
+    b, hq, m, d = q.shape
+    return q.reshape(b, hq // group, group, m, d)
+
+
+def _block_view(t: Optional[Tensor], group: int, cols: slice) -> Optional[Tensor]:
+    # A broadcastable [b, h, m, n] bias/mask sliced to key columns, viewed as [b, hkv|1, G|1, m, n].
+    if t is None:
+        return None
+    t = t[..., cols]
+    b, h, m, n = t.shape
+    if h == 1:
+        return t.unsqueeze(2)
+    return t.reshape(b, h // group, group, m, n)
+
+
+def _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop):
+    """Scores of key block [start, stop) in fp32: [B, Hkv, G, M, n_blk]."""
+    cols = slice(start, stop)
+    kb = k[:, :, None, start:stop].float()
+    s = torch.matmul(qg, kb.transpose(-2, -1)) * scale
+    bias_b = _block_view(bias, group, cols)
+    if bias_b is not None:
+        s = s + bias_b.float()
+    mask_b = _block_view(mask, group, cols)
+    if mask_b is not None:
+        s = torch.where(mask_b, s, torch.tensor(mask_value, dtype=s.dtype, device=s.device))
+    if causal:
+        m = qg.shape[-2]
+        rows = torch.arange(m, device=s.device).view(m, 1)
+        keys = torch.arange(start, stop, device=s.device).view(1, -1)
+        s = s.masked_fill(keys > rows, float("-inf"))
+    return s
+
+
+def _keep(seed, dropout_p, shape, group, start, stop, device):
+    b, hkv, _, m, _ = shape
+    bh = torch.arange(b * hkv * group, device=device).view(b, hkv, group, 1, 1)
+    rows = torch.arange(m, device=device).view(1, 1, 1, m, 1)
+    cols = torch.arange(start, stop, device=device).view(1, 1, 1, 1, -1)
+    return philox.keep_mask_block(seed, dropout_p, bh, rows, cols)
+
+
+def _finite_max(m: Tensor) -> Tensor:
+    # A row with no unmasked key so far has max -inf; subtracting it would give NaN.
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value):
+    b, hq, m, _ = q.shape
+    n, dv = k.shape[-2], v.shape[-1]
+    qg = _grouped(q, group).float()
+    shape5 = (b, hq // group, group, m, 1)
+    m_i = torch.full(shape5, float("-inf"), device=q.device)
+    l_i = torch.zeros(shape5, device=q.device)
+    acc = torch.zeros(shape5[:-1] + (dv,), device=q.device)
+    seed_val = int(seed.item()) if dropout_p > 0 else 0
+    for start in range(0, n, BLOCK_N):
+        stop = min(start + BLOCK_N, n)
+        s = _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop)
+        # -- update m_i and l_i --
+        m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
+        m_safe = _finite_max(m_new)
+        alpha = torch.exp(m_i - m_safe)
+        p = torch.exp(s - m_safe)
+        l_i = l_i * alpha + p.sum(-1, keepdim=True)
+        # -- update the output accumulator --
+        if dropout_p > 0:
+            keep = _keep(seed_val, dropout_p, s.shape, group, start, stop, q.device)
+            p = torch.where(keep, p / (1.0 - dropout_p), torch.zeros_like(p))
+        acc = acc * alpha + torch.matmul(p, v[:, :, None, start:stop].float())
+        m_i = m_new
+    out = acc / l_i
+    # Physical layout [B, M, Hq, Dv], so the usual transpose(1, 2).reshape after attention is free.
+    out_t = torch.empty((b, m, hq, dv), dtype=q.dtype, device=q.device).transpose(1, 2)
+    out_t.copy_(out.reshape(b, hq, m, dv))
+    return out_t, m_i.reshape(b, hq, m), torch.log(l_i).reshape(b, hq, m)
+
+
+def _reduce_to(t: Tensor, shape) -> Tensor:
+    # Sum a [B, Hq, M, n] block gradient over the dims that `shape` broadcasts.
+    dims = [i for i, (have, want) in enumerate(zip(t.shape, shape)) if want == 1 and have != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def attention_backward(dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, needs_dbias):
+    b, hq, m, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    qg = _grouped(q, group).float()
+    dog = _grouped(dout, group).float()
+    m_g = _finite_max(m_stat.reshape(b, hkv, group, m, 1))
+    log_l_g = log_l.reshape(b, hkv, group, m, 1)
+    # delta_i = rowsum(dO * O): the softmax backward's correction term, computed once.
+    delta = (dog * _grouped(out, group).float()).sum(-1, keepdim=True)
+    dq = torch.zeros_like(qg)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if needs_dbias else None
+    seed_val = int(seed.item()) if dropout_p > 0 else 0
+    for start in range(0, n, BLOCK_N):
+        stop = min(start + BLOCK_N, n)
+        s = _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop)
+        p = torch.exp(s - m_g - log_l_g)  # recomputed from the logsumexp, never stored
+        vb = v[:, :, None, start:stop].float()
+        dp = torch.matmul(dog, vb.transpose(-2, -1))
+        if dropout_p > 0:
+            keep = _keep(seed_val, dropout_p, s.shape, group, start, stop, q.device)
+            inv = 1.0 / (1.0 - dropout_p)
+            p_drop = torch.where(keep, p * inv, torch.zeros_like(p))
+            dp = torch.where(keep, dp * inv, torch.zeros_like(dp))
+        else:
+            p_drop = p
+        ds = p * (dp - delta)
+        mask_b = _block_view(mask, group, slice(start, stop))
+        if mask_b is not None:
+            # The fill value is a constant: no gradient flows to the scores it replaced.
+            ds = torch.where(mask_b, ds, torch.zeros_like(ds))
+        dv[:, :, start:stop] = torch.matmul(p_drop.transpose(-2, -1), dog).sum(2)
+        kb = k[:, :, None, start:stop].float()
+        dk[:, :, start:stop] = (torch.matmul(ds.transpose(-2, -1), qg) * scale).sum(2)
+        dq += torch.matmul(ds, kb) * scale
+        if dbias is not None:
+            dbias[..., start:stop] += _reduce_to(ds.reshape(b, hq, m, stop - start), bias.shape)
+    dbias_out = dbias.to(bias.dtype) if dbias is not None else None
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias_out
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

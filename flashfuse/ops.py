@@ -1,0 +1,156 @@
+"""The fused attention op `flashfuse::attention`, its backward op, fake kernels and autograd.
+
+The contract (shapes, mask and dropout semantics) is written out in `kernels/reference.py`.
+Each call picks its kernel by name ("reference" or "triton"; "auto" picks by device), so
+one graph can be inspected, run on the CPU and run on CUDA without being rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flashfuse.kernels import reference
+
+KERNELS = ("auto", "triton", "reference")
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """`auto`: Triton on CUDA; on the CPU the reference, unless TRITON_INTERPRET=1 asks for Triton."""
+    if kernel not in KERNELS:
+        raise ValueError(f"flashfuse: unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+    if kernel != "auto":
+        return kernel
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return "reference"
+
+
+def _impl(kernel: str, device: torch.device):
+    if resolve_kernel(kernel, device) == "triton":
+        from flashfuse.kernels import triton_attention
+
+        return triton_attention
+    return reference
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], gqa_group: int) -> None:
+    # Clear errors for direct callers; the compiler pass never builds a call that fails these.
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "flashfuse.attention: q, k, v must be 4-D [B, H, L, D]")
+    torch._check(q.shape[1] == k.shape[1] * gqa_group, lambda: f"flashfuse.attention: q heads {q.shape[1]} != kv heads {k.shape[1]} x group {gqa_group}")
+    torch._check(k.shape[2] == v.shape[2], lambda: "flashfuse.attention: k and v lengths differ")
+    for name, t in (("bias", bias), ("mask", mask)):
+        if t is not None:
+            torch._check(t.dim() == 4, lambda: f"flashfuse.attention: {name} must be 4-D")
+            torch._check(t.shape[-1] == k.shape[2], lambda: f"flashfuse.attention: {name} must span all keys (last dim N)")
+    if mask is not None:
+        torch._check(mask.dtype == torch.bool, lambda: "flashfuse.attention: mask must be bool (True = keep)")
+
+
+@torch.library.custom_op("flashfuse::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    mask: Optional[Tensor],
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    gqa_group: int,
+    mask_value: float,
+    softmax_fp32: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused attention. Returns (out [B, Hq, M, Dv], m, log_l), m and log_l [B, Hq, M] fp32.
+
+    logsumexp = m + log_l (see kernels/reference.py for why it is kept as two terms).
+
+    softmax_fp32 records that the user's softmax ran in fp32; every kernel accumulates in
+    fp32 regardless, so it changes no result and is kept for the report and future kernels.
+    """
+    _check(q, k, v, bias, mask, gqa_group)
+    impl = _impl(kernel, q.device)
+    out, m, log_l = impl.attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value)
+    return _as_layout(out, _out_like(q, v)), m.contiguous(), log_l.contiguous()
+
+
+def _as_layout(t: Tensor, like: Tensor) -> Tensor:
+    # Real outputs must have the strides the fake kernel promised, or views that AOTAutograd
+    # traced against the fake strides fail at run time.
+    if t.stride() == like.stride() and t.dtype == like.dtype:
+        return t
+    return like.copy_(t)
+
+
+def _out_like(q: Tensor, v: Tensor) -> Tensor:
+    b, h, m, _ = q.shape
+    return q.new_empty((b, m, h, v.shape[-1])).transpose(1, 2)
+
+
+@attention.register_fake
+def _(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, softmax_fp32, kernel):
+    _check(q, k, v, bias, mask, gqa_group)
+    b, h, m, _ = q.shape
+    stat = q.new_empty((b, h, m), dtype=torch.float32)
+    return _out_like(q, v), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("flashfuse::attention_backward", mutates_args=())
+def attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    mask: Optional[Tensor],
+    out: Tensor,
+    m: Tensor,
+    log_l: Tensor,
+    scale: float,
+    causal: bool,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    gqa_group: int,
+    mask_value: float,
+    needs_dbias: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dbias); dbias is an empty tensor when not needed."""
+    impl = _impl(kernel, q.device)
+    dq, dk, dv, dbias = impl.attention_backward(
+        dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias
+    )
+    dbias = q.new_empty((0,)) if dbias is None else _as_layout(dbias, torch.empty_like(bias))
+    return _as_layout(dq, torch.empty_like(q)), _as_layout(dk, torch.empty_like(k)), _as_layout(dv, torch.empty_like(v)), dbias
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel):
+    dbias = torch.empty_like(bias) if needs_dbias else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, _, kernel = inputs
+    out, m, log_l = output
+    ctx.save_for_backward(q, k, v, bias, mask, seed, out, m, log_l)
+    ctx.args = (scale, causal, dropout_p, gqa_group, mask_value, kernel)
+    ctx.mark_non_differentiable(m, log_l)
+
+
+def _backward(ctx, dout, _dm, _dlog_l):
+    q, k, v, bias, mask, seed, out, m, log_l = ctx.saved_tensors
+    scale, causal, dropout_p, gqa_group, mask_value, kernel = ctx.args
+    needs_dbias = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.flashfuse.attention_backward(
+        dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel
+    )
+    return dq, dk, dv, (dbias if needs_dbias else None), None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("flashfuse::attention", _backward, setup_context=_setup_context)

@@ -1,0 +1,89 @@
+"""The online-softmax rewrite: replace a proven region with one `flashfuse::attention` call.
+
+    before:  matmul = q @ k.transpose(-2, -1); mul = matmul * 0.125
+             softmax = F.softmax(mul, -1); y = softmax @ v
+    after:   ff_attention = torch.ops.flashfuse.attention.default(q, k, v, None, None, 0.125, ...)
+             ff_out = ff_attention[0]     # the normalized accumulator acc / l
+             # ff_attention[1], [2]: the running max m and log l, kept for the backward
+
+The op's result is the online softmax's state at the last key block: the rescaled
+accumulator and the logsumexp as (m, log l). The region's old nodes are erased once unused.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from flashfuse.passes.detect import Region
+from flashfuse.passes.graph_utils import propagate_meta, val
+
+
+def _call(graph: fx.Graph, fake_mode, like: fx.Node, target, *args, method: bool = False, name: str = None, **kwargs) -> fx.Node:
+    node = graph.call_method(target, args, kwargs) if method else graph.call_function(target, args, kwargs)
+    if name:
+        node.name = graph._graph_namespace.create_name(name, None)
+    propagate_meta(node, fake_mode, like)
+    return node
+
+
+def _to4(graph, fake_mode, like, node: fx.Node) -> fx.Node:
+    # Left-pad with size-1 dims exactly as broadcasting against the scores would.
+    for _ in range(4 - len(val(node).shape)):
+        node = _call(graph, fake_mode, like, "unsqueeze", node, 0, method=True)
+    return node
+
+
+def rewrite_region(gm: fx.GraphModule, region: Region, kernel: str, fake_mode) -> fx.Node:
+    graph = gm.graph
+    like = region.softmax
+    lift = 1 if region.layout == "3d" else 0
+    with graph.inserting_before(region.pv):
+        def rank4(n):
+            return _to4(graph, fake_mode, like, n) if lift else n
+
+        q = rank4(region.q)
+        if isinstance(region.k, tuple):  # K^T was stored: view it back as K, no copy
+            k = _call(graph, fake_mode, like, "transpose", region.k[1], -2, -1, method=True)
+        else:
+            k = region.k
+        k, v = rank4(k), rank4(region.v)
+
+        bias = None
+        for b, coeff in region.biases:
+            term = b if coeff == 1.0 else _call(graph, fake_mode, like, operator.mul, b, coeff)
+            bias = term if bias is None else _call(graph, fake_mode, like, operator.add, bias, term)
+        if bias is not None:
+            bias = _to4(graph, fake_mode, like, bias)
+
+        mask = None
+        for m, keep in region.masks:
+            term = m if keep else _call(graph, fake_mode, like, torch.logical_not, m)
+            mask = term if mask is None else _call(graph, fake_mode, like, operator.and_, mask, term)
+        if mask is not None:
+            mask = _to4(graph, fake_mode, like, mask)
+
+        seed = None
+        if region.dropout_p > 0:
+            device = val(region.q).device
+            # A fresh Philox seed per call, drawn from torch's generator: torch.manual_seed reproduces it.
+            seed = _call(graph, fake_mode, like, torch.randint, 0, 1 << 62, (1,), dtype=torch.int64, device=device, name="ff_seed")
+
+        spec = region.spec
+        op = _call(
+            graph, fake_mode, like, torch.ops.flashfuse.attention.default,
+            q, k, v, bias, mask, float(region.scale), bool(region.causal), float(region.dropout_p), seed,
+            int(region.gqa_group), float(region.mask_value), spec.softmax_dtype == "float32", kernel,
+            name="ff_attention",
+        )
+        op.meta["flashfuse_spec"] = spec
+        out = _call(graph, fake_mode, like, operator.getitem, op, 0, name="ff_out")
+        if lift:
+            out = _call(graph, fake_mode, like, "squeeze", out, 0, method=True)
+    region.pv.replace_all_uses_with(out)
+    for node in reversed([*region.chain, region.pv]):
+        if not node.users:
+            graph.erase_node(node)
+    return op
