@@ -1,0 +1,175 @@
+"""Per-block summaries of masks and biases, so the kernels skip empty blocks and load nothing on full ones.
+
+For a [BLOCK_M, BLOCK_N] tile of the scores, a bool keep-mask (True = keep) is
+    EMPTY   (0): every element masked      -> the kernels skip the tile
+    FULL    (1): nothing masked            -> the kernels do not load the mask
+    PARTIAL (2): otherwise                 -> the kernels load the mask
+and an additive bias is EMPTY when every element is -inf, FULL when every element is 0.
+
+Summaries keep the input's broadcast: a [1, 1, M, N] mask gives a [1, 1, Mb, Nb] summary,
+computed once, not once per batch and head. Each element of the input is read once per
+summary (one padded copy, one reduction). A summary is cached while the tensor object is
+alive and unchanged (same storage, offset, strides and version counter), so one mask used by
+every layer is summarized once per step.
+
+The kernels walk compact per-row-block lists built from the summary (as block-sparse
+FlashAttention does): for each query block, the indices of its non-empty key blocks and
+whether each is full; for each key block, the same over query blocks, for the dK/dV pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+EMPTY, FULL, PARTIAL = 0, 1, 2
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tiles(t: Tensor, block_m: int, block_n: int, fill) -> Tensor:
+    # [B, H, M, N] -> [B, H, Mb, bm, Nb, bn], padding the ragged edge with `fill`.
+    # A dim of size 1 along M stays one row: it broadcasts over every query block.
+    b, h, m, n = t.shape
+    bm = block_m if m > 1 else 1
+    mb, nb = _cdiv(m, bm), _cdiv(n, block_n)
+    pad = (0, nb * block_n - n, 0, mb * bm - m)
+    if any(pad):
+        t = torch.nn.functional.pad(t, pad, value=fill)
+    return t.reshape(b, h, mb, bm, nb, block_n)
+
+
+def _valid_counts(m: int, n: int, bm: int, bn: int, device) -> Tensor:
+    # Real (unpadded) elements of each [bm, bn] tile: [Mb, Nb].
+    rows = torch.clamp(m - torch.arange(0, m, bm, device=device), max=bm)
+    cols = torch.clamp(n - torch.arange(0, n, bn, device=device), max=bn)
+    return (rows[:, None] * cols[None, :]).to(torch.int32)
+
+
+def summarize(t: Tensor, block_m: int, block_n: int) -> Tensor:
+    """int8 summary [B|1, H|1, Mb|1, Nb] of a 4-D bool keep-mask or additive bias."""
+    m, n = t.shape[-2:]
+    bm = block_m if m > 1 else 1
+    valid = _valid_counts(m, n, bm, block_n, t.device)
+    if t.dtype == torch.bool:
+        tiles = _tiles(t, block_m, block_n, False)  # padding counts as masked
+        kept = tiles.sum(dim=(3, 5), dtype=torch.int32)
+        empty, full = kept == 0, kept == valid
+    else:
+        tiles = _tiles(t, block_m, block_n, float("-inf"))  # padding counts as -inf
+        neg_inf = torch.isneginf(tiles).sum(dim=(3, 5), dtype=torch.int32)
+        zero = (tiles == 0).sum(dim=(3, 5), dtype=torch.int32)
+        empty = neg_inf == tiles.shape[3] * tiles.shape[5]
+        full = zero == valid
+    out = torch.full(empty.shape, PARTIAL, dtype=torch.int8, device=t.device)
+    out[full] = FULL
+    out[empty] = EMPTY
+    return out
+
+
+@dataclasses.dataclass
+class BlockLists:
+    """Compact per-block work lists, broadcast dims kept at 1.
+
+    kv_count [Bs, Hs, Mb]       non-empty key blocks of each query block
+    kv_index [Bs, Hs, Mb, Nb]   their indices, first kv_count valid
+    kv_full  [Bs, Hs, Mb, Nb]   1 where that block needs no mask load
+    q_count / q_index / q_full: the same per key block over query blocks (for dK/dV)
+    """
+
+    kv_count: Tensor
+    kv_index: Tensor
+    kv_full: Tensor
+    q_count: Tensor
+    q_index: Tensor
+    q_full: Tensor
+    block_m: int
+    block_n: int
+
+    @property
+    def density(self) -> float:
+        return float(self.kv_count.sum()) / max(1, self.kv_index.numel())
+
+
+def _lists(summary: Tensor):
+    nonempty = summary != EMPTY
+    count = nonempty.sum(-1, dtype=torch.int32)
+    # Stable sort puts the non-empty blocks first, in increasing index order.
+    order = torch.sort((~nonempty).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    full = torch.gather((summary == FULL).to(torch.int8), -1, order.long())
+    return count.contiguous(), order.contiguous(), full.contiguous()
+
+
+def combine(*summaries: Optional[Tensor]) -> Optional[Tensor]:
+    """Summary of the elementwise combination of a mask and a bias (EMPTY wins, FULL needs both)."""
+    present = [s for s in summaries if s is not None]
+    if not present:
+        return None
+    out = present[0]
+    for s in present[1:]:
+        a, b = torch.broadcast_tensors(out, s)
+        out = torch.where((a == EMPTY) | (b == EMPTY), EMPTY, torch.where((a == FULL) & (b == FULL), FULL, PARTIAL)).to(torch.int8)
+    return out
+
+
+def lists_from_summary(summary: Tensor, block_m: int, block_n: int) -> BlockLists:
+    kv = _lists(summary)
+    q = _lists(summary.transpose(-2, -1))
+    return BlockLists(*kv, *q, block_m=block_m, block_n=block_n)
+
+
+def from_layout(layout: Tensor, block_m: int, block_n: int) -> BlockLists:
+    """User-given block layout [H|1, Mb, Nb] (or [B|1, H|1, Mb, Nb]) of bools: True = compute the block."""
+    if layout.dim() == 3:
+        layout = layout.unsqueeze(0)
+    summary = torch.where(layout.bool(), FULL, EMPTY).to(torch.int8)
+    return lists_from_summary(summary, block_m, block_n)
+
+
+class _Cache:
+    """Summaries of live, unchanged tensors. A dead tensor object never matches (weakref)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key(t: Tensor, block_m: int, block_n: int):
+        return (id(t), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version, block_m, block_n)
+
+    def get(self, t: Tensor, block_m: int, block_n: int) -> Tensor:
+        key = self._key(t, block_m, block_n)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0]() is t:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return hit[1]
+        self.misses += 1
+        summary = summarize(t, block_m, block_n)
+        self.entries[key] = (weakref.ref(t), summary)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return summary
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.hits = self.misses = 0
+
+
+cache = _Cache()
+
+
+def lists_for(bias: Optional[Tensor], mask: Optional[Tensor], block_m: int, block_n: int) -> Optional[BlockLists]:
+    """Block lists for a call's bias and mask (None when neither is given)."""
+    summaries = [cache.get(t, block_m, block_n) for t in (bias, mask) if t is not None]
+    summary = combine(*summaries)
+    return None if summary is None else lists_from_summary(summary, block_m, block_n)
