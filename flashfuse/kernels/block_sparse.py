@@ -126,8 +126,8 @@ def lists_from_summary(summary: Tensor, block_m: int, block_n: int) -> BlockList
 
 
 def from_layout(layout: Tensor, block_m: int, block_n: int) -> BlockLists:
-    """User-given block layout [H|1, Mb, Nb] (or [B|1, H|1, Mb, Nb]) of bools: True = compute the block."""
-    if layout.dim() == 3:
+    """User-given block layout [Mb, Nb], [H|1, Mb, Nb] or [B|1, H|1, Mb, Nb] of bools: True = compute the block."""
+    while layout.dim() < 4:
         layout = layout.unsqueeze(0)
     summary = torch.where(layout.bool(), FULL, EMPTY).to(torch.int8)
     return lists_from_summary(summary, block_m, block_n)
