@@ -1,0 +1,239 @@
+"""Autotune configurations for the Triton attention kernels, as data, and their pruning.
+
+Each kernel kind has a list of candidate configs in order of preference: the first one that
+survives pruning is what runs when autotuning is off (FLASHFUSE_AUTOTUNE=0) and what the
+explain report names as the default. Pruning drops configs whose tiles cannot fit the head
+dim, the dtype or the device's shared memory. Under TRITON_INTERPRET=1 (CPU tests) each kind
+has one small config, so the interpreter runs few, cheap programs and never benchmarks.
+
+Block relations the kernels assert (tl.static_assert):
+    fwd:  BLOCK_M % BLOCK_N == 0  (the causal diagonal is whole key blocks)
+    dkdv: BLOCK_N % BLOCK_M == 0  (BLOCK_N keys per program, stepping BLOCK_M queries)
+    dq:   BLOCK_M % BLOCK_N == 0
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Dict, List
+
+import torch
+
+try:  # configs are plain data; triton is only needed to turn them into triton.Config
+    import triton
+except ImportError:  # pragma: no cover - the launcher never gets here without triton
+    triton = None
+
+KINDS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+
+# Candidates in order of preference. BLOCK_M is always the query tile, BLOCK_N the key tile.
+# "max_block_d" bounds the padded head dim (max of BLOCK_D, BLOCK_DV) a config may run: past
+# it the fp32 accumulators no longer fit in registers. "fp32" marks the configs for fp32
+# inputs (exact "ieee" dots run on FMA units with much larger register tiles); the others are
+# for fp16/bf16. The bounds come from compiling the configs for sm_90 with triton 3.9 (no GPU
+# needed) and reading ptxas's register/spill report for the plain causal kernels: within its
+# bound each config compiles without spills, except the D=256 backward ones (under 200 bytes).
+# Bias, mask and dropout variants use more registers. No timings are behind the order yet.
+CONFIGS: Dict[str, List[Dict[str, Any]]] = {
+    "fwd": [
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "max_block_d": 64},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4, "max_block_d": 128},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 256},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 256},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 64, "fp32": True},
+        {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 64, "fp32": True},
+        {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "max_block_d": 128, "fp32": True},
+        {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "fp32": True},
+    ],
+    "bwd_preprocess": [
+        {"BLOCK_M": 128, "num_warps": 4, "num_stages": 1, "max_block_d": 128},
+        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1, "max_block_d": 256},
+        {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1, "max_block_d": 256, "fp32": True},
+    ],
+    "bwd_dkdv": [
+        {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 64},
+        {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "max_block_d": 128},
+        {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_block_d": 64},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_block_d": 128},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 64, "fp32": True},
+        {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 128, "fp32": True},
+        {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "fp32": True},
+    ],
+    "bwd_dq": [
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 128},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 128},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 128, "fp32": True},
+        {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "fp32": True},
+        {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "fp32": True},
+    ],
+}
+
+# One small config per kind for the CPU interpreter: blocks of 16/32 so the tests' odd
+# lengths (17, 100, 129) cross several blocks and end in partial ones.
+INTERPRET_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+    "bwd_preprocess": {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1},
+    "bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    "bwd_dq": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+}
+
+# Shared memory assumed when the device cannot be asked (H100/H200 opt-in limit per block).
+DEFAULT_SHARED_MEMORY = 227 * 1024
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_enabled() -> bool:
+    """FLASHFUSE_AUTOTUNE=0 runs the first surviving config instead of benchmarking them all."""
+    return os.environ.get("FLASHFUSE_AUTOTUNE", "1") != "0"
+
+
+def config_dicts(kind: str) -> List[Dict[str, Any]]:
+    """The candidate configs of one kernel kind as plain dicts (the interpreter's one config under TRITON_INTERPRET=1)."""
+    if kind not in KINDS:
+        raise ValueError(f"flashfuse: unknown kernel kind {kind!r}; valid: {', '.join(KINDS)}")
+    if interpreting():
+        return [dict(INTERPRET_CONFIGS[kind])]
+    return [dict(c) for c in CONFIGS[kind]]
+
+
+# The data bounds ("max_block_d", "fp32") of each triton.Config made here, by id(config):
+# prune reads them back, and the autotuner keeps these Config objects alive.
+_BOUNDS: Dict[int, Dict[str, Any]] = {}
+
+
+def _to_triton(c: Dict[str, Any]):
+    meta = {k: v for k, v in c.items() if k not in _META}
+    config = triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
+    _BOUNDS[id(config)] = {k: c[k] for k in ("max_block_d", "fp32") if k in c}
+    return config
+
+
+def triton_configs(kind: str) -> list:
+    """triton.Config objects for @triton.autotune."""
+    return [_to_triton(c) for c in config_dicts(kind)]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if smem:
+        return int(smem)
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # pragma: no cover - depends on the driver
+        return DEFAULT_SHARED_MEMORY
+
+
+def shared_memory_limit(device=None) -> int:
+    """Shared memory per block on `device` (a torch.device or index); a default off CUDA."""
+    if interpreting() or not torch.cuda.is_available():
+        return DEFAULT_SHARED_MEMORY
+    if device is None:
+        index = torch.cuda.current_device()
+    elif isinstance(device, int):
+        index = device
+    else:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return DEFAULT_SHARED_MEMORY
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_shared_memory(index)
+
+
+def shared_memory_estimate(kind: str, c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int) -> int:
+    """A rough upper estimate of a config's shared memory: the pipelined tiles times their stages."""
+    stages = max(c.get("num_stages", 1) - 1, 1)
+    bm, bn = c["BLOCK_M"], c.get("BLOCK_N", 0)
+    if kind == "fwd":
+        # K and V tiles are multi-buffered (Q stays in registers).
+        return elem_bytes * stages * bn * (block_d + block_dv)
+    if kind == "bwd_dkdv":
+        # K and V stay; Q and dO tiles stream; P^T and dS^T round-trip for the dots.
+        return elem_bytes * (bn * (block_d + block_dv) + stages * bm * (block_d + block_dv) + 2 * bm * bn)
+    if kind == "bwd_dq":
+        # Q and dO stay; K and V tiles stream; dS round-trips for the dot.
+        return elem_bytes * (bm * (block_d + block_dv) + stages * bn * (block_d + block_dv) + bm * bn)
+    return 0
+
+
+def _fits(c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int) -> bool:
+    """Whether a config's data bounds admit this head dim and dtype."""
+    if bool(c.get("fp32", False)) != (elem_bytes == 4):
+        return False
+    return max(block_d, block_dv) <= c.get("max_block_d", 256)
+
+
+_META = ("num_warps", "num_stages", "max_block_d", "fp32")
+
+
+def _as_dict(c) -> Dict[str, Any]:
+    if isinstance(c, dict):
+        return c
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, **_BOUNDS.get(id(c), {})}
+
+
+def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune: bool = True) -> list:
+    """Configs that fit the head dim, dtype and shared memory; never empty.
+
+    Works on triton.Config objects (from triton_configs) or plain dicts. When nothing fits,
+    the config with the smallest shared-memory estimate is kept. With autotune off, keeps only
+    the first config that fits, so nothing is benchmarked.
+    """
+    if len(configs) <= 1:
+        return list(configs)
+    dicts = [_as_dict(c) for c in configs]
+    est = [shared_memory_estimate(kind, d, block_d, block_dv, elem_bytes) for d in dicts]
+    kept = [c for c, d, e in zip(configs, dicts, est) if e <= smem_limit and _fits(d, block_d, block_dv, elem_bytes)]
+    if not kept:
+        kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
+    if not autotune:
+        kept = kept[:1]
+    return kept
+
+
+def _pruner(kind: str):
+    def early_config_prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_dv = int(args["BLOCK_DV"])
+        block_d = int(args.get("BLOCK_D", block_dv))
+        ref = args.get("Q", args.get("DO"))
+        elem_bytes = ref.element_size() if hasattr(ref, "element_size") else 2
+        device = ref.device if hasattr(ref, "device") else None
+        return prune(kind, configs, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune_enabled())
+
+    early_config_prune.__name__ = f"prune_{kind}"
+    return early_config_prune
+
+
+prune_fwd = _pruner("fwd")
+prune_bwd_preprocess = _pruner("bwd_preprocess")
+prune_bwd_dkdv = _pruner("bwd_dkdv")
+prune_bwd_dq = _pruner("bwd_dq")
+
+
+def default_config(kind: str, block_d: int, block_dv: int, dtype: torch.dtype, device=None) -> Dict[str, Any]:
+    """The config that runs with autotuning off: the first candidate that survives pruning."""
+    elem_bytes = torch.empty((), dtype=dtype).element_size()
+    dicts = config_dicts(kind)
+    return prune(kind, dicts, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune=False)[0]

@@ -1,0 +1,181 @@
+"""Launchers of the Triton attention kernels: the op's "triton" implementation.
+
+Same signatures and semantics as `flashfuse/kernels/reference.py` (read its docstring for the
+contract). The kernels are rendered from `flashfuse/templates/*.py.jinja` by
+`flashfuse.kernels.render` and autotuned over `flashfuse.kernels.configs`.
+
+    forward:  attn_fwd                     grid (cdiv(M, BLOCK_M), B * Hq)
+    backward: attn_bwd_preprocess (delta)  grid (cdiv(M, BLOCK_M), B * Hq)
+              attn_bwd_dkdv                grid (cdiv(N, BLOCK_N), B * Hkv)   no atomics for dk/dv
+              attn_bwd_dq                  grid (cdiv(M, BLOCK_M), B * Hq)
+
+q, k, v, bias, mask, dout are read through their strides (size-1 bias/mask dims get stride 0);
+nothing is made contiguous and nothing M x N is allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+
+from flashfuse.kernels import render
+
+LOG2E = 1.4426950408889634
+
+
+def _bcast_strides(t: Optional[Tensor]):
+    """Strides of a broadcastable 4-D bias/mask, 0 on size-1 dims; zeros when absent."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(4))
+
+
+def _bucket(n: int) -> int:
+    # autotune key: lengths in the same power-of-two bucket share a config
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _device_guard(t: Tensor):
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _fp32(x: float) -> float:
+    # the value the kernels see: the reference also rounds the fill value to fp32 scores
+    return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+def _seed_tensor(seed, device) -> Tensor:
+    if isinstance(seed, Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def _scalars(scale: float, bias, mask, mask_value: float, dropout_p: float):
+    mask_value = _fp32(mask_value)
+    # log2 units are safe when every score is small or -inf: no bias, no finite fill value
+    log2_domain = bias is None and (mask is None or mask_value == float("-inf"))
+    qk_scale = scale * LOG2E if log2_domain else scale
+    dropout = dropout_p > 0.0
+    dropout_scale = 1.0 / (1.0 - dropout_p) if dropout else 1.0
+    return mask_value, log2_domain, float(qk_scale), dropout, float(dropout_scale)
+
+
+def _options(q, k, v, bias, mask, causal, dropout, needs_dbias):
+    return render.template_options(
+        q.dtype, k.shape[-1], bias is not None, mask is not None, causal, dropout, needs_dbias, head_dim_v=v.shape[-1]
+    )
+
+
+def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value):
+    """-> (out [B, Hq, M, Dv] as a transpose of a [B, M, Hq, Dv] tensor, m, log_l [B, Hq, M] fp32)."""
+    b, hq, m_len, d = q.shape
+    n_len, dv = k.shape[2], v.shape[3]
+    out = torch.empty((b, m_len, hq, dv), dtype=q.dtype, device=q.device).transpose(1, 2)
+    m_stat = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
+    log_l = torch.empty_like(m_stat)
+    if b * hq * m_len == 0:
+        return out, m_stat, log_l
+    if n_len == 0 or dv == 0:
+        # no keys: every row is fully masked (NaN out, as eager softmax over nothing gives)
+        out.fill_(float("nan") if n_len == 0 else 0.0)
+        m_stat.fill_(float("-inf") if n_len == 0 else 0.0)
+        log_l.fill_(float("-inf") if n_len == 0 else 0.0)
+        return out, m_stat, log_l
+
+    mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
+    options = _options(q, k, v, bias, mask, causal, dropout, False)
+    kernel = render.kernel("fwd", options)
+    seed_t = _seed_tensor(seed, q.device) if dropout else None
+
+    def grid(meta):
+        return (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq)
+
+    with _device_guard(q):
+        kernel[grid](
+            q, k, v, bias, mask, seed_t, out, m_stat, log_l,
+            *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask), *out.stride(),
+            hq, group, m_len, n_len, _bucket(m_len), _bucket(n_len),
+            qk_scale, mask_value, float(dropout_p), dropout_scale,
+            HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
+            IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
+            LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"],
+        )
+    return out, m_stat, log_l
+
+
+def _dbias_buffer(bias: Tensor, full_shape):
+    """(buffer, atomic, row_bcast): fp32 zeros for atomics when bias broadcasts, else bias's dtype."""
+    broadcast = any(bias.shape[i] == 1 and full_shape[i] != 1 for i in range(3))
+    if not broadcast:
+        return torch.empty(bias.shape, dtype=bias.dtype, device=bias.device), False, False
+    row_bcast = bias.shape[2] == 1 and full_shape[2] != 1
+    return torch.zeros(bias.shape, dtype=torch.float32, device=bias.device), True, row_bcast
+
+
+def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, group, mask_value, needs_dbias):
+    """-> (dq, dk, dv, dbias or None) with the shapes and dtypes of q, k, v, bias."""
+    b, hq, m_len, d = q.shape
+    hkv, n_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    needs_dbias = bool(needs_dbias) and bias is not None
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if b * hq * m_len == 0 or n_len == 0:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv, (torch.zeros_like(bias) if needs_dbias else None)
+
+    mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
+    options = _options(q, k, v, bias, mask, causal, dropout, needs_dbias)
+    seed_t = _seed_tensor(seed, q.device) if dropout else None
+    m = m.contiguous()  # the forward's own [B, Hq, M] outputs: already contiguous, no copy
+    log_l = log_l.contiguous()
+    delta = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
+    if needs_dbias:
+        dbias_buf, dbias_atomic, bias_row_bcast = _dbias_buffer(bias, (b, hq, m_len, n_len))
+        db_strides = _bcast_strides(dbias_buf)
+    else:
+        dbias_buf, dbias_atomic, bias_row_bcast = None, False, False
+        db_strides = (0, 0, 0, 0)
+    common = dict(
+        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
+        IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
+        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"],
+    )
+
+    with _device_guard(q):
+        render.kernel("bwd_preprocess", options)[lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq)](
+            out, dout, delta, *out.stride(), *dout.stride(), hq, m_len, _bucket(m_len),
+            HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"],
+        )
+        render.kernel("bwd_dkdv", options)[lambda meta: (triton.cdiv(n_len, meta["BLOCK_N"]), b * hkv)](
+            q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf,
+            *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask),
+            *dout.stride(), *dk.stride(), *dv.stride(), *db_strides,
+            hq, hkv, group, m_len, n_len, _bucket(m_len), _bucket(n_len),
+            qk_scale, float(scale), mask_value, float(dropout_p), dropout_scale,
+            BIAS_GRAD=needs_dbias, DBIAS_ATOMIC=dbias_atomic, BIAS_ROW_BCAST=bias_row_bcast,
+            **common,
+        )
+        render.kernel("bwd_dq", options)[lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq)](
+            q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask),
+            *dout.stride(), *dq.stride(),
+            hq, group, m_len, n_len, _bucket(m_len), _bucket(n_len),
+            qk_scale, float(scale), mask_value, float(dropout_p), dropout_scale,
+            **common,
+        )
+
+    dbias = None
+    if needs_dbias:
+        dbias = dbias_buf.to(bias.dtype) if dbias_atomic else dbias_buf
+    return dq, dk, dv, dbias
+

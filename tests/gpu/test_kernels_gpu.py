@@ -1,0 +1,191 @@
+"""The Triton attention kernels on CUDA at real sizes, against torch references.
+
+bf16 / fp16 inputs are checked against the eager oracle run in fp32 on the same (rounded)
+inputs, fp32 inputs (exact "ieee" dots) against the oracle in fp64. Errors are
+||x - ref|| / ||ref||. Autotuning is switched off (FLASHFUSE_AUTOTUNE=0: the first config that
+fits runs) so the file compiles one config per kernel variant; set FLASHFUSE_GPU_SWEEP=1 to also
+run every forward config of one shape. Run: pytest -q tests/gpu/test_kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("TRITON_INTERPRET=1 runs the CPU interpreter; these tests need the GPU compiler", allow_module_level=True)
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from flashfuse.kernels import configs, philox, render, triton_attention  # noqa: E402
+
+try:
+    import oracle
+except ImportError:  # pragma: no cover
+    from tests import oracle
+
+DEV = "cuda"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+F32_MIN = torch.finfo(torch.float32).min
+
+
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    monkeypatch.setenv("FLASHFUSE_AUTOTUNE", "0")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def rel_err(x, ref):
+    x = x.detach().to(ref.dtype)
+    ref = ref.detach()
+    assert torch.equal(torch.isnan(x), torch.isnan(ref)), "NaN pattern differs from eager"
+    fin = torch.isfinite(ref)
+    return ((x[fin] - ref[fin]).norm() / ref[fin].norm()).item()
+
+
+def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias_shape=None, mask_shape=None,
+             mask_value=float("-inf"), dropout_p=0.0, layout="contiguous", backward=True):
+    gen = torch.Generator(device=DEV).manual_seed(1000 * d + n + m)
+    hkv = hq // group
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEV, dtype=torch.float32).to(dtype)
+
+    if layout == "bnhd":
+        q, k, v = randn(b, m, hq, d).transpose(1, 2), randn(b, n, hkv, d).transpose(1, 2), randn(b, n, hkv, d).transpose(1, 2)
+    else:
+        q, k, v = randn(b, hq, m, d), randn(b, hkv, n, d), randn(b, hkv, n, d)
+    bias = randn(*bias_shape) if bias_shape is not None else None
+    mask = None
+    if mask_shape is not None:
+        mask = torch.rand(*mask_shape, generator=gen, device=DEV) > 0.2
+        mask[..., 0] = True
+        if mask_value != float("-inf") and mask_shape[-2] > 1:
+            mask[..., 7, :] = False  # a fully masked row (finite fill: a uniform average)
+    seed = torch.tensor([424242], dtype=torch.int64, device=DEV)
+    scale = d ** -0.5
+
+    out, m_stat, log_l = triton_attention.attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    qr, kr, vr = (t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v))
+    br = bias.detach().to(ref_dtype).requires_grad_() if bias is not None else None
+    keep = philox.keep_mask(424242, dropout_p, b, hq, m, n, device=DEV) if dropout_p > 0 else None
+    ref, lse = oracle.attention(qr, kr, vr, br, mask, scale, causal, dropout_p, 424242, group, mask_value, keep=keep)
+    tol = TOL[dtype]
+    assert rel_err(out, ref) < tol, ("out", rel_err(out, ref))
+    assert rel_err(m_stat.to(ref_dtype) + log_l.to(ref_dtype), lse) < 1e-5
+    if not backward:
+        return
+    dout = randn(*out.shape)
+    ref.backward(dout.to(ref_dtype))
+    dq, dk, dv, dbias = triton_attention.attention_backward(
+        dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, bias is not None
+    )
+    for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
+        assert rel_err(got, want) < tol, (name, rel_err(got, want))
+    if bias is not None:
+        assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+        assert rel_err(dbias, br.grad) < tol, ("dbias", rel_err(dbias, br.grad))
+
+
+@pytest.mark.parametrize(
+    "dtype,d,m,n,causal",
+    [
+        (torch.bfloat16, 64, 1000, 1000, True),
+        (torch.bfloat16, 128, 4096, 4096, False),
+        (torch.bfloat16, 128, 4096, 4096, True),
+        (torch.bfloat16, 80, 512, 1000, True),
+        (torch.bfloat16, 128, 512, 4096, False),
+        (torch.float16, 64, 512, 512, False),
+        (torch.float16, 128, 1000, 1000, True),
+    ],
+    ids=["bf16-D64-1000-causal", "bf16-D128-4096", "bf16-D128-4096-causal", "bf16-D80-cross-causal",
+         "bf16-D128-cross", "fp16-D64-512", "fp16-D128-1000-causal"],
+)
+def test_plain(dtype, d, m, n, causal):
+    run_case(dtype, d=d, m=m, n=n, causal=causal)
+
+
+def test_fp32_ieee_mask_bias():
+    run_case(torch.float32, b=2, hq=4, m=512, n=512, d=64, bias_shape=(2, 1, 1, 512), mask_shape=(2, 1, 1, 512))
+
+
+def test_gqa_bias_finite_mask_bf16():
+    run_case(torch.bfloat16, hq=8, group=2, m=1000, n=1000, d=80, causal=True,
+             bias_shape=(1, 8, 1000, 1000), mask_shape=(2, 1, 1000, 1000), mask_value=F32_MIN)
+
+
+def test_noncontiguous_bf16():
+    run_case(torch.bfloat16, m=1000, n=1000, d=64, layout="bnhd", bias_shape=(2, 8, 1, 1000))
+
+
+def test_dropout_exact_mask_bf16():
+    run_case(torch.bfloat16, m=1000, n=1000, d=64, causal=True, dropout_p=0.1)
+
+
+def test_dropout_exact_mask_gqa_fp16():
+    run_case(torch.float16, hq=8, group=4, m=512, n=1000, d=128, dropout_p=0.3, mask_shape=(2, 8, 512, 1000))
+
+
+# -- Philox bit-exactness at size ---------------------------------------------------------------
+
+_COMMON = render.load_module("fwd", render.template_options(torch.bfloat16, 64, False, False, False, True, False))
+
+
+@triton.jit
+def _keep_mask_kernel(Seed, Out, dropout_p, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2)
+    seed_lo, seed_hi = _COMMON._seed_words(Seed)
+    keep = _COMMON._dropout_keep(seed_lo, seed_hi, bh, rows[:, None], cols[None, :], dropout_p)
+    offs = bh.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(Out + offs, keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@pytest.mark.parametrize("seed", [3, 2**33 + 11, -77])
+def test_philox_bit_exact_large(seed):
+    b, h, m, n, p = 2, 8, 1000, 1000, 0.3
+    out = torch.full((b, h, m, n), -1, dtype=torch.int8, device=DEV)
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=DEV)
+    _keep_mask_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 64), b * h)](seed_t, out, p, m, n, BLOCK_M=64, BLOCK_N=64)
+    want = philox.keep_mask(seed, p, b, h, m, n, device=DEV)
+    assert torch.equal(out.bool(), want) and (out >= 0).all()
+    rate = want.double().mean().item()
+    assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / want.numel()) ** 0.5
+
+
+# -- every forward config of one shape (opt-in: compiles each) --------------------------------------
+
+def _all_fwd_configs():
+    return [c for c in configs.CONFIGS["fwd"] if not c.get("fp32") and c.get("max_block_d", 256) >= 64]
+
+
+@pytest.mark.skipif(os.environ.get("FLASHFUSE_GPU_SWEEP") != "1", reason="set FLASHFUSE_GPU_SWEEP=1 to compile every forward config")
+@pytest.mark.parametrize("cfg", _all_fwd_configs(), ids=lambda c: "BM{BLOCK_M}-BN{BLOCK_N}-w{num_warps}-s{num_stages}".format(**c))
+def test_fwd_config_sweep(cfg):
+    b, h, m, n, d = 2, 4, 1000, 1000, 64
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(b, h, length, d, generator=gen, device=DEV).to(torch.bfloat16) for length in (m, n, n))
+    opts = render.template_options(torch.bfloat16, d, False, False, True, False, False)
+    heuristics = render.kernel("fwd", opts).fn  # below the autotuner: run this config directly
+    out = torch.empty((b, m, h, d), dtype=torch.bfloat16, device=DEV).transpose(1, 2)
+    m_stat = torch.empty((b, h, m), dtype=torch.float32, device=DEV)
+    log_l = torch.empty_like(m_stat)
+    meta = {key: val for key, val in cfg.items() if key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), b * h)
+    heuristics[grid](
+        q, k, v, None, None, None, out, m_stat, log_l,
+        *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, 0, 0, 0, 0, 0, *out.stride(),
+        h, 1, m, n, 1024, 1024, d ** -0.5 * 1.4426950408889634, float("-inf"), 0.0, 1.0,
+        HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, IS_CAUSAL=True, HAS_BIAS=False, HAS_MASK=False,
+        DROPOUT=False, LOG2_DOMAIN=True, DOT_PRECISION="tf32", **meta,
+    )
+    ref, _ = oracle.attention(q.float(), k.float(), v.float(), scale=d ** -0.5, causal=True)
+    assert rel_err(out, ref) < 1e-2

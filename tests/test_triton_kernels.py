@@ -1,0 +1,303 @@
+"""The Triton attention kernels on the CPU, under the Triton interpreter (TRITON_INTERPRET=1).
+
+Every case runs the forward and backward launchers of `flashfuse.kernels.triton_attention`
+on small odd sizes (so blocks end partial) and compares out, m + log_l, dq, dk, dv, dbias with
+the eager oracle (`tests/oracle.py`) in fp64 on the same (rounded) inputs; dropout cases hand
+the oracle the exact keep-mask from `flashfuse.kernels.philox`. Relative errors are
+||x - ref|| / ||ref||. The interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to
+nearest), so bf16 errors here are about twice the GPU's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # on a GPU machine the interpreter would leak into the whole session: tests/gpu/ covers it
+    pytest.skip("CPU interpreter tests (set TRITON_INTERPRET=1 to force them here)", allow_module_level=True)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is rendered and loaded
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU interpreter tests: TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from flashfuse.kernels import configs, philox, render, triton_attention  # noqa: E402
+
+try:
+    import oracle  # tests/ is on sys.path under pytest's default import mode
+except ImportError:  # pragma: no cover
+    from tests import oracle
+
+F32_MIN = torch.finfo(torch.float32).min
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+SEED = 20240611
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warnings from the interpreter on padded rows
+
+
+def rel_err(x, ref):
+    """||x - ref|| / ||ref|| over the finite entries of ref, after checking NaN/inf patterns agree."""
+    x = x.detach().double()
+    ref = ref.detach().double()
+    assert x.shape == ref.shape
+    assert torch.equal(torch.isnan(x), torch.isnan(ref)), "NaN pattern differs from eager"
+    assert torch.equal(torch.isinf(x), torch.isinf(ref)), "inf pattern differs from eager"
+    fin = torch.isfinite(ref)
+    if not fin.any():
+        return 0.0
+    den = ref[fin].norm().item()
+    num = (x[fin] - ref[fin]).norm().item()
+    return num / den if den > 0 else num
+
+
+def _make_qkv(dtype, b, hq, group, m, n, d, dv, layout, gen):
+    hkv = hq // group
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype)
+
+    if layout == "contiguous":
+        return randn(b, hq, m, d), randn(b, hkv, n, d), randn(b, hkv, n, dv)
+    if layout == "bnhd":
+        # [B, L, H, D] storage viewed as [B, H, L, D]: the usual projection output layout
+        return randn(b, m, hq, d).transpose(1, 2), randn(b, n, hkv, d).transpose(1, 2), randn(b, n, hkv, dv).transpose(1, 2)
+    if layout == "sliced":
+        # padded last dims and an [L, B, H, D] storage: no dim is contiguous with the next
+        q = randn(m, b, hq, d + 8).permute(1, 2, 0, 3)[..., :d]
+        k = randn(b, hkv, n, 2 * d)[..., d:]
+        v = randn(n, hkv, b, dv).permute(2, 1, 0, 3)
+        return q, k, v
+    raise ValueError(layout)
+
+
+def run_case(
+    dtype=torch.float32, b=2, hq=2, group=1, m=17, n=17, d=16, dv=None, causal=False,
+    bias_shape=None, mask_shape=None, mask_value=float("-inf"), masked_rows=(), dropout_p=0.0,
+    layout="contiguous", backward=True, tol=None,
+):
+    dv = d if dv is None else dv
+    gen = torch.Generator().manual_seed(SEED + m * 1000 + n)
+    q, k, v = _make_qkv(dtype, b, hq, group, m, n, d, dv, layout, gen)
+    bias = None
+    if bias_shape is not None:
+        bias = torch.randn(*bias_shape, generator=gen).to(dtype)
+    mask = None
+    if mask_shape is not None:
+        mask = torch.rand(*mask_shape, generator=gen) > 0.25
+        mask[..., 0] = True  # key 0 stays visible (causal row 0 sees only it), except in rows masked below
+        for row in masked_rows:
+            mask[..., row, :] = False  # a fully masked row
+    seed = torch.tensor([SEED + 17], dtype=torch.int64)
+    scale = d ** -0.5
+    tol = TOL[dtype] if tol is None else tol
+
+    out, m_stat, log_l = triton_attention.attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value)
+    assert out.shape == (b, hq, m, dv) and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous(), "out must be a [B, M, H, Dv] tensor viewed as [B, H, M, Dv]"
+    assert m_stat.dtype == log_l.dtype == torch.float32 and m_stat.is_contiguous() and m_stat.shape == (b, hq, m)
+
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    bd = bias.detach().double().requires_grad_() if bias is not None else None
+    keep = philox.keep_mask(int(seed), dropout_p, b, hq, m, n) if dropout_p > 0 else None
+    ref, lse = oracle.attention(qd, kd, vd, bd, mask, scale, causal, dropout_p, int(seed), group, mask_value, keep=keep)
+
+    assert rel_err(out, ref) < tol, rel_err(out, ref)
+    assert rel_err(m_stat.double() + log_l.double(), lse) < 1e-5
+    if not backward:
+        return
+
+    dout = torch.randn(out.shape, generator=gen).to(dtype)
+    ref.backward(dout.double())
+    dq, dk, dv_, dbias = triton_attention.attention_backward(
+        dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, bias is not None
+    )
+    for name, got, want, like in (("dq", dq, qd.grad, q), ("dk", dk, kd.grad, k), ("dv", dv_, vd.grad, v)):
+        assert got.shape == like.shape and got.dtype == like.dtype, name
+        err = rel_err(got, want)
+        assert err < tol, f"{name}: {err}"
+    if bias is not None:
+        assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+        err = rel_err(dbias, bd.grad)
+        assert err < tol, f"dbias: {err}"
+    else:
+        assert dbias is None
+
+
+# -- sizes, causal, GQA, head dims, dtypes ------------------------------------------------------
+
+SIZES = [(1, 1), (17, 17), (100, 129), (129, 100), (1, 129), (129, 17), (64, 64), (32, 96)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("m,n", SIZES, ids=[f"M{m}-N{n}" for m, n in SIZES])
+def test_sizes_fp32(m, n, causal):
+    run_case(torch.float32, m=m, n=n, causal=causal)
+
+
+@pytest.mark.parametrize(
+    "dtype,m,n,d,group,causal,layout",
+    [
+        (torch.float32, 100, 129, 80, 2, True, "contiguous"),
+        (torch.float32, 129, 100, 16, 2, False, "bnhd"),
+        (torch.float32, 17, 100, 16, 1, True, "sliced"),
+        (torch.bfloat16, 17, 100, 16, 1, False, "contiguous"),
+        (torch.bfloat16, 100, 129, 80, 2, True, "contiguous"),
+        (torch.bfloat16, 129, 100, 16, 1, False, "bnhd"),
+        (torch.float16, 100, 17, 16, 1, True, "contiguous"),
+    ],
+    ids=["fp32-D80-gqa2-causal", "fp32-gqa2-bnhd", "fp32-sliced-causal", "bf16", "bf16-D80-gqa2-causal", "bf16-bnhd", "fp16-causal"],
+)
+def test_dtypes_layouts(dtype, m, n, d, group, causal, layout):
+    run_case(dtype, hq=4 if group > 1 else 2, group=group, m=m, n=n, d=d, causal=causal, layout=layout)
+
+
+def test_value_head_dim_differs():
+    run_case(torch.float32, m=33, n=70, d=16, dv=32, causal=True)
+
+
+# -- bias (with dbias) ---------------------------------------------------------------------------
+
+BIASES = [((2, 2, 17, 129), False), ((1, 2, 17, 129), True), ((2, 1, 1, 129), False), ((2, 2, 1, 129), True), ((1, 1, 17, 129), False)]
+
+
+@pytest.mark.parametrize("bias_shape,causal", BIASES, ids=["BHMN", "1HMN-causal", "B11N", "BH1N-causal", "11MN"])
+def test_bias_fp32(bias_shape, causal):
+    run_case(torch.float32, m=17, n=129, bias_shape=bias_shape, causal=causal)
+
+
+def test_bias_bf16_gqa():
+    run_case(torch.bfloat16, hq=4, group=2, m=100, n=65, d=16, bias_shape=(1, 4, 100, 65), causal=True)
+
+
+# -- masks ---------------------------------------------------------------------------------------
+
+def test_mask_neg_inf():
+    run_case(torch.float32, m=100, n=129, mask_shape=(2, 1, 100, 129))
+
+
+def test_mask_neg_inf_fully_masked_row_is_nan():
+    # eager softmax over a row of -inf gives NaN; the kernel must too (forward only: eager's
+    # backward then spreads NaN through dv)
+    run_case(torch.float32, m=40, n=50, mask_shape=(2, 2, 40, 50), masked_rows=(3, 39), backward=False)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_mask_finite_fill_fully_masked_row(causal):
+    # finfo.min fill: a fully masked row is a uniform average, m = finfo.min exactly, and no
+    # gradient reaches the replaced scores
+    run_case(torch.float32, m=40, n=50, mask_shape=(2, 1, 40, 50), mask_value=F32_MIN, masked_rows=(0, 21), causal=causal)
+
+
+def test_mask_key_padding_bf16():
+    run_case(torch.bfloat16, m=33, n=100, mask_shape=(2, 1, 1, 100), causal=True)
+
+
+def test_mask_finite_fill_with_bias():
+    run_case(torch.float32, m=17, n=40, bias_shape=(2, 2, 17, 40), mask_shape=(1, 2, 17, 40), mask_value=-1e4, masked_rows=(5,))
+
+
+# -- dropout (exact keep-mask) -------------------------------------------------------------------
+
+def test_dropout_fp32():
+    run_case(torch.float32, m=100, n=129, dropout_p=0.3)
+
+
+def test_dropout_everything_fp32():
+    run_case(
+        torch.float32, hq=4, group=2, m=45, n=70, causal=True, dropout_p=0.3,
+        bias_shape=(1, 4, 45, 70), mask_shape=(2, 1, 45, 70), mask_value=F32_MIN, masked_rows=(7,),
+    )
+
+
+def test_dropout_bf16_bnhd():
+    run_case(torch.bfloat16, m=64, n=64, causal=True, dropout_p=0.3, layout="bnhd")
+
+
+# -- Philox --------------------------------------------------------------------------------------
+
+_COMMON = render.load_module("fwd", render.template_options(torch.float32, 16, False, False, False, True, False))
+
+
+@triton.jit
+def _keep_mask_kernel(Seed, Out, dropout_p, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2)
+    seed_lo, seed_hi = _COMMON._seed_words(Seed)
+    keep = _COMMON._dropout_keep(seed_lo, seed_hi, bh, rows[:, None], cols[None, :], dropout_p)
+    offs = bh.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(Out + offs, keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def triton_keep_mask(seed: int, p: float, b: int, h: int, m: int, n: int) -> torch.Tensor:
+    out = torch.full((b, h, m, n), -1, dtype=torch.int8)
+    seed_t = torch.tensor([seed], dtype=torch.int64)
+    _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 64), b * h)](seed_t, out, p, m, n, BLOCK_M=32, BLOCK_N=64)
+    assert (out >= 0).all()
+    return out.bool()
+
+
+@pytest.mark.parametrize("seed", [0, 1234, 2**40 + 7, -5], ids=["0", "1234", "2^40+7", "neg"])
+def test_philox_bit_exact(seed):
+    got = triton_keep_mask(seed, 0.3, 2, 3, 37, 70)
+    want = philox.keep_mask(seed, 0.3, 2, 3, 37, 70)
+    assert torch.equal(got, want)
+
+
+def test_philox_keep_rate():
+    p, b, h, m, n = 0.3, 2, 2, 128, 256
+    keep = triton_keep_mask(99, p, b, h, m, n)
+    count = keep.numel()
+    rate = keep.double().mean().item()
+    sigma = (p * (1 - p) / count) ** 0.5
+    assert abs(rate - (1 - p)) < 4 * sigma, (rate, sigma)
+    # different seeds give different masks
+    assert not torch.equal(keep, triton_keep_mask(100, p, b, h, m, n))
+
+
+def test_dropout_output_mean_scaling():
+    # E[keep / (1 - p)] = 1: with positive values the dropped output's mean matches the undropped one
+    gen = torch.Generator().manual_seed(5)
+    b, h, m, n, d, p = 2, 2, 128, 64, 16, 0.3
+    q = 0.3 * torch.randn(b, h, m, d, generator=gen)
+    k = 0.3 * torch.randn(b, h, n, d, generator=gen)
+    v = 1.0 + 0.1 * torch.rand(b, h, n, d, generator=gen)
+    seed = torch.tensor([7], dtype=torch.int64)
+    args = (None, None, d ** -0.5, False)
+    full = triton_attention.attention_forward(q, k, v, *args, 0.0, seed, 1, float("-inf"))[0]
+    dropped = triton_attention.attention_forward(q, k, v, *args, p, seed, 1, float("-inf"))[0]
+    ratio = (dropped.mean() / full.mean()).item()
+    # per-row std of the ratio is about sqrt(p / ((1 - p) n)) = 0.08; 512 independent rows
+    assert abs(ratio - 1.0) < 0.02, ratio
+
+
+# -- rendering and configs -----------------------------------------------------------------------
+
+def test_render_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHFUSE_CACHE_DIR", str(tmp_path))
+    paths = render.sources_for(torch.bfloat16, 80, True, True, True, True, True)
+    assert set(paths) == {"fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"}
+    for kind, path in paths.items():
+        assert path.parent == tmp_path and path.exists()
+        text = path.read_text()
+        assert "Notation:" in text and "Grid:" in text and "head_dim=80 (BLOCK_D=128)" in text
+        assert "def _philox_c0" in text and "{%" not in text and "{{" not in text
+        compile(text, str(path), "exec")
+    assert "reset_to_zero" in paths["bwd_dkdv"].read_text()
+    # rendering again is a cache hit: same file
+    assert render.render("fwd", render.template_options(torch.bfloat16, 80, True, True, True, True, False)) == paths["fwd"]
+
+
+def test_configs_prune():
+    for kind in configs.KINDS:
+        for block_d in (16, 64, 128, 256):
+            for elem in (2, 4):
+                kept = configs.prune(kind, configs.CONFIGS[kind], block_d, block_d, elem, 100 * 1024)
+                assert kept, (kind, block_d, elem)
+                one = configs.prune(kind, configs.CONFIGS[kind], block_d, block_d, elem, 100 * 1024, autotune=False)
+                assert one == kept[:1]
+    assert len(configs.config_dicts("fwd")) == 1  # the interpreter's single small config
