@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 
 from flashfuse import ops  # noqa: F401  (registers flashfuse::attention)
 from flashfuse import report as report_mod
-from flashfuse.options import Options, parse_options
-from flashfuse.passes import FallbackError, fuse_attention
+from flashfuse.options import Options, parse_options, valid_options
+from flashfuse.passes import FallbackError, constants, fuse_attention
 from flashfuse.report import GraphReport, normalize_code
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,14 @@ def _inner(compiler: str, gm: fx.GraphModule, example_inputs: list):
     return gm.forward
 
 
-def flashfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[Mapping[str, Any]] = None):
+def flashfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[Mapping[str, Any]] = None, **kwargs):
     """torch.compile(model, backend="flashfuse", options={"compiler": ..., "fusion": ..., "kernel": ..., "strict": ...})."""
+    if kwargs:  # torch.compile(mode=...) reaches a custom backend as a keyword argument
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ValueError(f"flashfuse: torch.compile({given}) is not supported with backend='flashfuse'; pass options={{...}} instead. Valid options: {valid_options()}")
     opts: Options = parse_options(options)
     graph_report = GraphReport(index=0, before=normalize_code(gm.code), after=normalize_code(gm.code))
+    original = gm
     if opts.fusion:
         rewritten = _copy(gm)
         try:
@@ -53,5 +57,22 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optiona
             counters["flashfuse"]["pass_failed"] += 1
             graph_report.error = repr(e)
             log.warning("flashfuse: fusion pass failed, compiling the graph unfused: %r", e, exc_info=True)
+    if constants.take_restart_request():
+        # A scale Dynamo made a float input (dynamic=True): trace again with it specialized.
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+        raise TensorifyScalarRestartAnalysis
     report_mod.record(graph_report)
-    return _inner(opts.compiler, gm, example_inputs)
+    if gm is original or not graph_report.fused:
+        return _inner(opts.compiler, gm, example_inputs)
+    try:
+        return _inner(opts.compiler, gm, example_inputs)
+    except Exception as e:  # the inner compiler rejected the rewritten graph: compile the user's
+        if opts.strict:
+            raise FallbackError(f"flashfuse: the {opts.compiler} compiler failed on the rewritten graph: {e!r}") from e
+        counters["flashfuse"]["inner_compile_failed"] += 1
+        graph_report.error = f"the {opts.compiler} compiler failed on the rewritten graph: {e!r}"
+        graph_report.after = graph_report.before
+        graph_report.fused.clear()
+        log.warning("flashfuse: %s failed on the rewritten graph, compiling it unfused: %r", opts.compiler, e, exc_info=True)
+        return _inner(opts.compiler, original, example_inputs)

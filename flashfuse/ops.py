@@ -3,19 +3,36 @@
 The contract (shapes, mask and dropout semantics) is written out in `kernels/reference.py`.
 Each call picks its kernel by name ("reference" or "triton"; "auto" picks by device), so
 one graph can be inspected, run on the CPU and run on CUDA without being rewritten.
+
+Run-time fallback: Triton compiles and autotunes a kernel at its first launch, inside the
+compiled graph, where the pass can no longer put the user's subgraph back. So when the
+Triton path raises (a compile, autotune or launch error, a device or dtype it lacks), the op
+logs a warning once per distinct error on the "flashfuse" logger, counts it in
+`counters["flashfuse"]["kernel_fallback"]` and computes the same function with the reference
+kernel. With `strict=True` it raises instead. The op's `strict` argument carries the
+backend's `strict` option into the compiled graph (the pass sets it only when True, so other
+graphs read as before), and the backward op gets it from the forward's autograd context;
+the environment variable FLASHFUSE_STRICT=1 makes every call strict, including direct calls
+of `flashfuse.attention`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._dynamo.utils import counters
 
 from flashfuse.kernels import reference
 
+log = logging.getLogger(__name__)
+
 KERNELS = ("auto", "triton", "reference")
+STRICT_ENV = "FLASHFUSE_STRICT"
+_warned: set = set()
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
@@ -29,12 +46,27 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     return "reference"
 
 
-def _impl(kernel: str, device: torch.device):
-    if resolve_kernel(kernel, device) == "triton":
+def is_strict(strict: bool = False) -> bool:
+    return bool(strict) or os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
+def _run(kernel: str, device: torch.device, strict: bool, fn: str, *args):
+    """impl.<fn>(*args) on the kernel `kernel` resolves to; Triton failures fall back (see above)."""
+    if resolve_kernel(kernel, device) != "triton":
+        return getattr(reference, fn)(*args)
+    try:
         from flashfuse.kernels import triton_attention
 
-        return triton_attention
-    return reference
+        return getattr(triton_attention, fn)(*args)
+    except Exception as e:
+        if is_strict(strict):
+            raise
+        counters["flashfuse"]["kernel_fallback"] += 1
+        key = (fn, type(e).__name__, str(e)[:500])
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("flashfuse: the Triton %s kernel failed (%s: %s); running the reference kernel instead", fn, type(e).__name__, e, exc_info=True)
+    return getattr(reference, fn)(*args)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], gqa_group: int) -> None:
@@ -65,6 +97,7 @@ def attention(
     mask_value: float,
     softmax_fp32: bool,
     kernel: str,
+    strict: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused attention. Returns (out [B, Hq, M, Dv], m, log_l), m and log_l [B, Hq, M] fp32.
 
@@ -72,10 +105,10 @@ def attention(
 
     softmax_fp32 records that the user's softmax ran in fp32; every kernel accumulates in
     fp32 regardless, so it changes no result and is kept for the report and future kernels.
+    strict: a Triton failure raises instead of falling back to the reference kernel.
     """
     _check(q, k, v, bias, mask, gqa_group)
-    impl = _impl(kernel, q.device)
-    out, m, log_l = impl.attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value)
+    out, m, log_l = _run(kernel, q.device, strict, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value)
     return _as_layout(out, _out_like(q, v)), m.contiguous(), log_l.contiguous()
 
 
@@ -93,7 +126,7 @@ def _out_like(q: Tensor, v: Tensor) -> Tensor:
 
 
 @attention.register_fake
-def _(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, softmax_fp32, kernel):
+def _(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, softmax_fp32, kernel, strict=False):
     _check(q, k, v, bias, mask, gqa_group)
     b, h, m, _ = q.shape
     stat = q.new_empty((b, h, m), dtype=torch.float32)
@@ -119,38 +152,44 @@ def attention_backward(
     mask_value: float,
     needs_dbias: bool,
     kernel: str,
+    strict: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias); dbias is an empty tensor when not needed."""
-    impl = _impl(kernel, q.device)
-    dq, dk, dv, dbias = impl.attention_backward(
-        dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias
+    dq, dk, dv, dbias = _run(
+        kernel, q.device, strict, "attention_backward",
+        dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias,
     )
     dbias = q.new_empty((0,)) if dbias is None else _as_layout(dbias, torch.empty_like(bias))
     return _as_layout(dq, torch.empty_like(q)), _as_layout(dk, torch.empty_like(k)), _as_layout(dv, torch.empty_like(v)), dbias
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel):
+def _(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel, strict=False):
     dbias = torch.empty_like(bias) if needs_dbias else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, _, kernel = inputs
+    # Autograd runs this only when grad mode is on and an input requires grad: under no_grad
+    # or inference_mode nothing is saved, and m / log_l are plain outputs freed when unused.
+    q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, _, kernel, *rest = inputs
+    strict = bool(rest[0]) if rest else False
     out, m, log_l = output
     ctx.save_for_backward(q, k, v, bias, mask, seed, out, m, log_l)
-    ctx.args = (scale, causal, dropout_p, gqa_group, mask_value, kernel)
+    ctx.args = (scale, causal, dropout_p, gqa_group, mask_value, kernel, strict)
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(m, log_l)
 
 
 def _backward(ctx, dout, _dm, _dlog_l):
     q, k, v, bias, mask, seed, out, m, log_l = ctx.saved_tensors
-    scale, causal, dropout_p, gqa_group, mask_value, kernel = ctx.args
+    scale, causal, dropout_p, gqa_group, mask_value, kernel, strict = ctx.args
     needs_dbias = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.flashfuse.attention_backward(
-        dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel
+        dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel,
+        **({"strict": True} if strict else {}),
     )
-    return dq, dk, dv, (dbias if needs_dbias else None), None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv, (dbias if needs_dbias else None)) + (None,) * (ctx.n_inputs - 4)
 
 
 torch.library.register_autograd("flashfuse::attention", _backward, setup_context=_setup_context)

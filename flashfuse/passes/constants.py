@@ -18,10 +18,14 @@ _PURE = {
     operator.getitem, operator.eq, operator.ne, operator.ge, operator.gt, operator.le, operator.lt, operator.sub, operator.add,
     operator.invert, operator.neg, operator.and_, operator.or_, operator.mul, operator.truediv,
     torch.tril, torch.triu, torch.logical_not, torch.where, torch.eq, torch.ne, torch.ge, torch.gt, torch.le, torch.lt, torch.sqrt,
+    torch.logical_and, torch.logical_or, torch.zeros_like, torch.full_like, torch.masked_fill,
+    operator.pow, torch.pow, torch.rsqrt, torch.exp, torch.log, torch.abs, torch.clamp, torch.minimum, torch.maximum,
 }
 _PURE_METHODS = {
     "tril", "triu", "view", "reshape", "unsqueeze", "squeeze", "to", "bool", "float", "long", "int", "expand", "logical_not",
     "__invert__", "eq", "ne", "ge", "gt", "le", "lt", "masked_fill", "type", "contiguous", "t", "transpose", "sqrt", "__getitem__",
+    "logical_and", "logical_or", "__and__", "__or__", "bitwise_and", "bitwise_or", "half", "bfloat16", "permute", "where",
+    "pow", "__pow__", "rsqrt", "exp", "log", "abs", "clamp", "neg", "__neg__",
 }
 _MAX_ELEMENTS = 1 << 22
 _MAX_DEPTH = 24
@@ -78,30 +82,109 @@ def _causal_pattern(m: int, n: int) -> torch.Tensor:
     return torch.ones(m, n, dtype=torch.bool).tril()
 
 
-def is_causal_mask(cond: fx.Node, keep: bool, scores_shape: tuple) -> bool:
-    """True when `cond` (a keep mask if `keep`, else a drop mask) is exactly the top-left causal mask."""
+def _folded_scores_term(node: fx.Node, scores_shape: tuple) -> Optional[torch.Tensor]:
+    """The constant value of a mask or bias, if it folds and spans the scores' last two dims."""
     m, n = scores_shape[-2:]
     if not (isinstance(m, int) and isinstance(n, int)):
+        return None
+    value = fold(node)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.dim() > len(scores_shape):
+        return None
+    if tuple(value.shape[-2:]) != (m, n):
+        return None
+    return value
+
+
+def is_causal_mask(cond: fx.Node, keep: bool, scores_shape: tuple) -> bool:
+    """True when `cond` (a keep mask if `keep`, else a drop mask) is exactly the top-left causal mask.
+
+    Leading dims may have any size (HF expands its mask over the batch): every slice must match.
+    """
+    value = _folded_scores_term(cond, scores_shape)
+    if value is None or value.dtype != torch.bool:
         return False
-    value = fold(cond)
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() > len(scores_shape):
-        return False
-    if value.shape[-2:] != (m, n) or any(s != 1 for s in value.shape[:-2]):
-        return False
-    keep_mask = value.reshape(m, n) if keep else ~value.reshape(m, n)
-    return bool(torch.equal(keep_mask, _causal_pattern(m, n)))
+    keep_mask = value if keep else ~value
+    return bool((keep_mask == _causal_pattern(*scores_shape[-2:])).all())
+
+
+def additive_causal_fill(bias: fx.Node, scores_shape: tuple) -> Optional[float]:
+    """F when an additive term is exactly 0 on and below the diagonal and one constant F < 0 above it.
+
+    F is -inf for `full(-inf).triu(1)`, or finite for HF's `where(kv <= q, 0, finfo.min)`.
+    """
+    value = _folded_scores_term(bias, scores_shape)
+    if value is None or not value.is_floating_point():
+        return None
+    m, n = scores_shape[-2:]
+    causal = _causal_pattern(m, n).expand(value.shape)
+    if not bool((value[causal] == 0).all()):
+        return None
+    above = value[~causal]
+    if above.numel() == 0:
+        return None  # a single key, or M x 1: no position is masked, it is not a causal mask
+    fill = float(above.reshape(-1)[0])
+    if not fill < 0 or not bool((above == fill).all()):
+        return None
+    return fill
 
 
 def additive_causal(bias: fx.Node, scores_shape: tuple) -> bool:
     """True when an additive term is exactly 0 on and below the diagonal and -inf above it."""
-    m, n = scores_shape[-2:]
-    if not (isinstance(m, int) and isinstance(n, int)):
-        return False
-    value = fold(bias)
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape[-2:] != (m, n):
-        return False
-    if any(s != 1 for s in value.shape[:-2]):
-        return False
-    value = value.reshape(m, n)
-    causal = _causal_pattern(m, n)
-    return bool((value[causal] == 0).all() and (value[~causal] == float("-inf")).all())
+    return additive_causal_fill(bias, scores_shape) == float("-inf")
+
+
+def constant_tensor(node: Any) -> Optional[torch.Tensor]:
+    """The value of a small in-graph constant tensor, else None."""
+    value = fold(node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+# ---------------------------------------------------------------------------------------
+# numbers that are symbolic only because of dynamic shapes
+
+
+_restart_requested: list = []
+
+
+def symbolic_scalar(node: Any) -> Optional[float]:
+    """The value of a scale that is symbolic under dynamic shapes, specialized; else None.
+
+    `q.size(-1) ** -0.5` under dynamic=True is a SymFloat of size symbols: its value is taken
+    and Dynamo guards on it (the head dim does not change between calls; a scale computed
+    from a sequence length would specialize that length). A Python float that Dynamo turned
+    into a graph input (`self.scaling` under dynamic=True: a 0-d tensor and .item()) has no
+    value at compile time: Dynamo is asked to specialize it, and `take_restart_request` tells
+    the backend to restart the analysis, which then sees the constant.
+    """
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+    if not isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return None
+    try:
+        from torch.utils._sympy.symbol import SymT, symbol_is_type
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    symbols = value.node.expr.free_symbols
+    floats = [s for s in symbols if symbol_is_type(s, SymT.FLOAT)]
+    if floats:
+        try:
+            from torch._dynamo.symbolic_convert import TensorifyState
+        except ImportError:  # pragma: no cover - older torch
+            return None
+        for s in floats:
+            if not TensorifyState.should_specialize(str(s)):
+                TensorifyState.specialize(str(s))
+                _restart_requested.append(str(s))
+        return None
+    if not all(symbol_is_type(s, SymT.SIZE) for s in symbols):
+        return None  # unbacked (data-dependent) values have no value to specialize to
+    try:
+        return float(value)  # guards on the value
+    except Exception:  # noqa: BLE001 - a value that cannot be guarded stays symbolic
+        return None
+
+
+def take_restart_request() -> bool:
+    """True (once) when symbolic_scalar asked Dynamo to specialize a float input."""
+    requested = bool(_restart_requested)
+    _restart_requested.clear()
+    return requested

@@ -9,6 +9,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+class Refused(Exception):
+    """Raised inside detection; carries a short snake_case reason and a detail sentence."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
 _FUNCTIONS = {
     operator.matmul: "matmul",
     torch.matmul: "matmul",
@@ -18,6 +27,10 @@ _FUNCTIONS = {
     operator.mul: "mul",
     torch.mul: "mul",
     operator.truediv: "div",
+    operator.itruediv: "div",
+    operator.imul: "mul",
+    operator.iadd: "add",
+    operator.isub: "sub",
     torch.div: "div",
     torch.true_divide: "div",
     operator.add: "add",
@@ -32,6 +45,8 @@ _FUNCTIONS = {
     torch.where: "where",
     torch.masked_fill: "masked_fill",
     torch.transpose: "transpose",
+    torch.swapaxes: "transpose",
+    torch.swapdims: "transpose",
     torch.permute: "permute",
     torch.repeat_interleave: "repeat_interleave",
     torch.reshape: "reshape",
@@ -47,7 +62,12 @@ _FUNCTIONS = {
     getattr: "getattr",
 }
 
-_METHODS = {"masked_fill_": "masked_fill", "logical_not": "invert", "bitwise_not": "invert", "__invert__": "invert", "div_": "div", "mul_": "mul", "add_": "add"}
+_METHODS = {
+    "masked_fill_": "masked_fill", "logical_not": "invert", "bitwise_not": "invert", "__invert__": "invert",
+    "div_": "div", "mul_": "mul", "add_": "add", "sub_": "sub", "true_divide": "div", "true_divide_": "div",
+    "swapaxes": "transpose", "swapdims": "transpose",
+}
+_INPLACE_FUNCTIONS = {operator.itruediv, operator.imul, operator.iadd, operator.isub}
 
 
 def op_name(node: fx.Node) -> Optional[str]:
@@ -60,6 +80,13 @@ def op_name(node: fx.Node) -> Optional[str]:
         except TypeError:  # unhashable target
             return None
     return None
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """An op that writes into its first argument (x.masked_fill_(...), x /= c)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return node.op == "call_function" and node.target in _INPLACE_FUNCTIONS
 
 
 def val(node: Any) -> Any:

@@ -1,4 +1,11 @@
-"""Lowering: pick and prepare the kernel for a region. It reads only the AttentionSpec."""
+"""Lowering: pick and prepare the kernel for a region. It reads only the AttentionSpec.
+
+For a Triton region it renders the four kernels and imports the rendered modules, so a
+template or Triton API error surfaces here, at compile time, where the region can keep its
+original subgraph. Triton compiles and autotunes at the first launch (it needs the real
+arguments), inside the compiled graph: failures there are handled by the op, which falls
+back to the reference kernel (see flashfuse/ops.py).
+"""
 
 from __future__ import annotations
 
@@ -29,10 +36,14 @@ class KernelChoice:
     sources: tuple = ()  # generated Triton source files, for the report
 
 
+def _triton_runs_on(device: str) -> bool:
+    return device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _wants_triton(kernel: str, device: str) -> bool:
     if kernel == "triton":
         return True
-    return kernel == "auto" and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return kernel == "auto" and _triton_runs_on(device)
 
 
 def lower(spec: AttentionSpec, kernel: str, device: str) -> KernelChoice:
@@ -41,6 +52,8 @@ def lower(spec: AttentionSpec, kernel: str, device: str) -> KernelChoice:
         raise LoweringError("unsupported_head_dim", f"head dim {d} is outside {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
     if not _wants_triton(kernel, device):
         return KernelChoice(kernel, "reference")
+    if not _triton_runs_on(device):
+        raise LoweringError("unsupported_device", f"the Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not on {device}")
     if not (TRITON_MIN_HEAD_DIM <= d and spec.v_shape[-1] == d):
         if kernel == "auto":
             # The reference kernel computes the same function for any head dim; on CUDA it is slower.
@@ -51,8 +64,14 @@ def lower(spec: AttentionSpec, kernel: str, device: str) -> KernelChoice:
     except ImportError as e:
         raise LoweringError("triton_unavailable", f"the Triton kernels cannot be imported: {e}") from e
     dtype = getattr(torch, spec.dtype)
-    paths = render.sources_for(
+    flags = dict(
         dtype=dtype, head_dim=d, has_bias=bool(spec.bias_shapes), has_mask=bool(spec.mask_shapes),
         causal=spec.causal, dropout=spec.dropout_p > 0, needs_dbias=spec.bias_requires_grad,
     )
+    paths = render.sources_for(**flags)
+    if isinstance(paths, dict):  # {kind: path}
+        options = render.template_options(**flags)
+        for kind in paths:  # import each rendered module: template errors surface now
+            render.load_module(kind, options)
+        paths = paths.values()
     return KernelChoice(kernel, "triton", tuple(str(p) for p in paths))

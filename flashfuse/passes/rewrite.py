@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes.detect import Region
-from flashfuse.passes.graph_utils import propagate_meta, val
+from flashfuse.passes.graph_utils import op_name, propagate_meta, val
 
 
 def _call(graph: fx.Graph, fake_mode, like: fx.Node, target, *args, method: bool = False, name: str = None, **kwargs) -> fx.Node:
@@ -36,6 +36,22 @@ def _to4(graph, fake_mode, like, node: fx.Node) -> fx.Node:
     return node
 
 
+def _permute(graph, fake_mode, like, node: fx.Node, dims) -> fx.Node:
+    if not dims:
+        return node
+    nd = len(dims)
+    if tuple(dims) == tuple(range(nd - 2)) + (nd - 1, nd - 2):
+        return _call(graph, fake_mode, like, "transpose", node, -2, -1, method=True)
+    return _call(graph, fake_mode, like, "permute", node, *dims, method=True)
+
+
+def _negate(graph, fake_mode, like, m: fx.Node) -> fx.Node:
+    # A drop mask spelled ~keep: the op takes keep itself (the ~ goes dead).
+    if op_name(m) == "invert" and len(m.args) == 1 and isinstance(m.args[0], fx.Node) and getattr(val(m.args[0]), "dtype", None) == torch.bool:
+        return m.args[0]
+    return _call(graph, fake_mode, like, torch.logical_not, m)
+
+
 def rewrite_region(gm: fx.GraphModule, region: Region, kernel: str, fake_mode) -> fx.Node:
     graph = gm.graph
     like = region.softmax
@@ -44,12 +60,10 @@ def rewrite_region(gm: fx.GraphModule, region: Region, kernel: str, fake_mode) -
         def rank4(n):
             return _to4(graph, fake_mode, like, n) if lift else n
 
-        q = rank4(region.q)
-        if isinstance(region.k, tuple):  # K^T was stored: view it back as K, no copy
-            k = _call(graph, fake_mode, like, "transpose", region.k[1], -2, -1, method=True)
-        else:
-            k = region.k
-        k, v = rank4(k), rank4(region.v)
+        def view(n, dims):  # the user's layout viewed as the op's [.., L, D]: a view, no copy
+            return rank4(_permute(graph, fake_mode, like, n, dims))
+
+        q, k, v = view(region.q, region.q_dims), view(region.k, region.k_dims), view(region.v, region.v_dims)
 
         bias = None
         for b, coeff in region.biases:
@@ -60,7 +74,7 @@ def rewrite_region(gm: fx.GraphModule, region: Region, kernel: str, fake_mode) -
 
         mask = None
         for m, keep in region.masks:
-            term = m if keep else _call(graph, fake_mode, like, torch.logical_not, m)
+            term = m if keep else _negate(graph, fake_mode, like, m)
             mask = term if mask is None else _call(graph, fake_mode, like, operator.and_, mask, term)
         if mask is not None:
             mask = _to4(graph, fake_mode, like, mask)
@@ -82,7 +96,10 @@ def rewrite_region(gm: fx.GraphModule, region: Region, kernel: str, fake_mode) -
         out = _call(graph, fake_mode, like, operator.getitem, op, 0, name="ff_out")
         if lift:
             out = _call(graph, fake_mode, like, "squeeze", out, 0, method=True)
+        if region.out_dims:  # einsum asked for another output layout
+            out = _permute(graph, fake_mode, like, out, region.out_dims)
     region.pv.replace_all_uses_with(out)
+    op.meta["flashfuse_out"] = out  # what replaced region.pv: later regions that read it are remapped
     for node in reversed([*region.chain, region.pv]):
         if not node.users:
             graph.erase_node(node)
