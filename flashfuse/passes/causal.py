@@ -1,0 +1,172 @@
+"""Prove a mask causal from the structure of the graph that builds it, at any size.
+
+Constant folding (constants.py) evaluates small masks; a causal mask at N = 16K has 268M
+elements, too many to build at compile time. This reads the mask's producers instead, as a
+tiny abstract interpretation over what each node holds:
+
+    ONES      all ones / True              (torch.ones, ones_like, full(.., 1 or True))
+    KEEP      1 where key <= query, else 0  (tril(ONES), row >= col, ...)
+    DROP      1 where key > query, else 0   (triu(ONES, 1), col > row, ...)
+    NEG_ABOVE 0 where key <= query, -inf above (triu(full(-inf), 1))
+    ROW, COL  query / key index along the last two dims (arange viewed as [M, 1] / [1, N])
+
+Value-preserving wrappers (view, reshape, unsqueeze, expand, contiguous, dtype casts, None
+and full-slice indexing, and slices that start at 0 on the last two dims, which keep a
+top-left triangle top-left) pass a kind through; `~`, `logical_not`, `== 0` and `1 - x` swap
+KEEP and DROP. Anything else, including every graph input, is unknown: only in-graph
+factories are trusted, since parameters and buffers may change between calls.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from flashfuse.passes.graph_utils import is_number, normalize_dim, op_name, val
+
+ONES, KEEP, DROP, NEG_ABOVE, ROW, COL = "ones", "keep", "drop", "neg_above", "row", "col"
+_MAX_DEPTH = 16
+_FLIP = {KEEP: DROP, DROP: KEEP}
+_CAST_METHODS = ("to", "bool", "float", "half", "bfloat16", "int", "long", "type", "contiguous")
+
+
+def _shape(node) -> Optional[tuple]:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _is_one(x) -> bool:
+    return x is True or (is_number(x) and x == 1)
+
+
+def _full_slice(s) -> bool:
+    return s is None or s is Ellipsis or (isinstance(s, slice) and s.start in (None, 0) and s.step in (None, 1))
+
+
+def _index_kind(node: fx.Node, depth: int) -> Optional[str]:
+    base, idx = node.args[0], node.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if not all(_full_slice(s) for s in idx):
+        return None
+    kind = classify(base, depth + 1)
+    if kind in (ROW, COL):
+        # arange(M)[:, None] is a row index; arange(N)[None, :] (or plain) a column index
+        shape = _shape(node)
+        if shape is None or len(shape) != 2:
+            return kind if shape is not None and len(shape) == 1 else None
+        return ROW if shape[1] == 1 else COL if shape[0] == 1 else None
+    return kind
+
+
+def _arange_kind(node: fx.Node) -> Optional[str]:
+    args = [a for a in node.args]
+    if len(args) == 1 or (len(args) >= 2 and args[0] == 0 and (len(args) == 2 or args[2] == 1)):
+        return COL  # a 1-D index broadcasts along the last dim: a key index until reshaped
+    return None
+
+
+def _view_kind(node: fx.Node, depth: int) -> Optional[str]:
+    kind = classify(node.args[0], depth + 1)
+    if kind in (ROW, COL):
+        shape = _shape(node)
+        if shape is None:
+            return None
+        trailing = [s for s in shape if s != 1]
+        if len(trailing) > 1:
+            return None
+        if len(shape) >= 2 and shape[-1] == 1 and shape[-2] != 1:
+            return ROW
+        return COL if shape[-1] != 1 or len(trailing) == 0 else None
+    # A triangle survives only views that add or drop leading size-1 dims.
+    src, out = _shape(node.args[0]), _shape(node)
+    if src is None or out is None or len(src) < 2 or len(out) < 2 or src[-2:] != out[-2:]:
+        return None
+    if any(d != 1 for d in src[:-2]) or any(d != 1 for d in out[:-2]):
+        return None
+    return kind
+
+
+def _compare(name: str, a, b, depth: int) -> Optional[str]:
+    ka = classify(a, depth + 1) if isinstance(a, fx.Node) else None
+    kb = classify(b, depth + 1) if isinstance(b, fx.Node) else None
+    # normalize to "row OP col"
+    flip = {"ge": "le", "le": "ge", "gt": "lt", "lt": "gt"}
+    if (ka, kb) == (COL, ROW):
+        name, ka, kb = flip[name], ROW, COL
+    if (ka, kb) != (ROW, COL):
+        return None
+    return {"ge": KEEP, "lt": DROP}.get(name)  # row >= col keeps; row < col drops
+
+
+def classify(node, depth: int = 0) -> Optional[str]:
+    if not isinstance(node, fx.Node) or depth > _MAX_DEPTH or node.op not in ("call_function", "call_method"):
+        return None
+    target, name = node.target, op_name(node)
+    if target in (torch.ones, torch.ones_like):
+        return ONES
+    if target is torch.full:
+        fill = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+        return ONES if _is_one(fill) else NEG_ABOVE + "_src" if fill == float("-inf") else None
+    if target is torch.arange:
+        return _arange_kind(node)
+    if name in ("tril", "triu") or target in (torch.tril, torch.triu):
+        diag = node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0)
+        src = classify(node.args[0], depth + 1)
+        if src == ONES and (target is torch.tril or name == "tril") and diag == 0:
+            return KEEP
+        if src == ONES and (target is torch.triu or name == "triu") and diag == 1:
+            return DROP
+        if src == NEG_ABOVE + "_src" and (target is torch.triu or name == "triu") and diag == 1:
+            return NEG_ABOVE
+        return None
+    if name in ("view", "reshape", "unsqueeze", "expand"):
+        return _view_kind(node, depth)
+    if node.op == "call_method" and node.target in _CAST_METHODS:
+        kind = classify(node.args[0], depth + 1)
+        return kind if kind in (ONES, KEEP, DROP, NEG_ABOVE) else None
+    if name == "getitem":
+        return _index_kind(node, depth)
+    if name == "invert" or target is operator.invert:
+        return _FLIP.get(classify(node.args[0], depth + 1))
+    if name in ("eq", "ne") and len(node.args) == 2 and is_number(node.args[1]):
+        kind = classify(node.args[0], depth + 1)
+        if kind in _FLIP:
+            if (name == "eq" and node.args[1] == 0) or (name == "ne" and node.args[1] == 1):
+                return _FLIP[kind]
+            if (name == "ne" and node.args[1] == 0) or (name == "eq" and node.args[1] == 1):
+                return kind
+        return None
+    if target is operator.sub and len(node.args) == 2 and _is_one(node.args[0]):
+        return _FLIP.get(classify(node.args[1], depth + 1))
+    if target in (operator.ge, torch.ge, operator.le, torch.le, operator.gt, torch.gt, operator.lt, torch.lt) or name in ("ge", "le", "gt", "lt"):
+        op = {operator.ge: "ge", operator.le: "le", operator.gt: "gt", operator.lt: "lt"}.get(target, name)
+        if op in ("le", "gt"):
+            # row <= col is not causal; col <= row is: _compare normalizes the operand order
+            kind = _compare({"le": "ge", "gt": "lt"}[op], node.args[1], node.args[0], depth)
+        else:
+            kind = _compare(op, node.args[0], node.args[1], depth)
+        return kind
+    return None
+
+
+def _trailing_matches(node: fx.Node, scores_shape: tuple) -> bool:
+    shape = _shape(node)
+    if shape is None or len(shape) < 2 or len(shape) > len(scores_shape):
+        return False
+    m, n = scores_shape[-2:]
+    return str(shape[-2]) == str(m) and str(shape[-1]) == str(n) and all(s == 1 for s in shape[:-2])
+
+
+def is_causal(cond: fx.Node, keep: bool, scores_shape: tuple) -> bool:
+    """True when the bool mask `cond` (a keep mask if `keep`, else a drop mask) is top-left causal."""
+    if not _trailing_matches(cond, scores_shape):
+        return False
+    return classify(cond) == (KEEP if keep else DROP)
+
+
+def is_additive_causal(bias: fx.Node, scores_shape: tuple) -> bool:
+    """True when an additive term is 0 on and below the diagonal and -inf above it."""
+    return _trailing_matches(bias, scores_shape) and classify(bias) == NEG_ABOVE
