@@ -12,12 +12,13 @@ import torch
 
 from flashfuse import ops  # noqa: F401  (registers torch.ops.flashfuse.*)
 from flashfuse.backend import flashfuse_backend
+from flashfuse.block_sparse_api import block_sparse_attention
 from flashfuse.explain import explain
 from flashfuse.options import Options
 from flashfuse.report import Report
 from flashfuse.spec import AttentionSpec
 
-__all__ = ["flashfuse_backend", "explain", "Options", "Report", "AttentionSpec", "attention"]
+__all__ = ["flashfuse_backend", "explain", "Options", "Report", "AttentionSpec", "attention", "block_sparse_attention"]
 __version__ = "0.1.0"
 
 logging.getLogger("flashfuse").addHandler(logging.NullHandler())

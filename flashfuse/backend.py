@@ -42,6 +42,7 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optiona
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise ValueError(f"flashfuse: torch.compile({given}) is not supported with backend='flashfuse'; pass options={{...}} instead. Valid options: {valid_options()}")
     opts: Options = parse_options(options)
+    constants.take_restart_request()  # drop a request an earlier, failed compile left behind
     graph_report = GraphReport(index=0, before=normalize_code(gm.code), after=normalize_code(gm.code))
     original = gm
     if opts.fusion:

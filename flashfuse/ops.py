@@ -98,6 +98,7 @@ def attention(
     softmax_fp32: bool,
     kernel: str,
     strict: bool = False,
+    block_layout: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused attention. Returns (out [B, Hq, M, Dv], m, log_l), m and log_l [B, Hq, M] fp32.
 
@@ -106,9 +107,15 @@ def attention(
     softmax_fp32 records that the user's softmax ran in fp32; every kernel accumulates in
     fp32 regardless, so it changes no result and is kept for the report and future kernels.
     strict: a Triton failure raises instead of falling back to the reference kernel.
+    block_layout: None or an int8 block summary [B|1, Hq|1, cdiv(M, 128), cdiv(N, 128)]
+    (flashfuse.kernels.block_sparse: EMPTY blocks are not computed, their scores are -inf;
+    see flashfuse.block_sparse_attention).
     """
     _check(q, k, v, bias, mask, gqa_group)
-    out, m, log_l = _run(kernel, q.device, strict, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value)
+    out, m, log_l = _run(
+        kernel, q.device, strict, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value,
+        block_layout,
+    )
     return _as_layout(out, _out_like(q, v)), m.contiguous(), log_l.contiguous()
 
 
@@ -126,7 +133,7 @@ def _out_like(q: Tensor, v: Tensor) -> Tensor:
 
 
 @attention.register_fake
-def _(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, softmax_fp32, kernel, strict=False):
+def _(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, softmax_fp32, kernel, strict=False, block_layout=None):
     _check(q, k, v, bias, mask, gqa_group)
     b, h, m, _ = q.shape
     stat = q.new_empty((b, h, m), dtype=torch.float32)
@@ -153,18 +160,20 @@ def attention_backward(
     needs_dbias: bool,
     kernel: str,
     strict: bool = False,
+    block_layout: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias); dbias is an empty tensor when not needed."""
     dq, dk, dv, dbias = _run(
         kernel, q.device, strict, "attention_backward",
-        dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias,
+        dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, block_layout,
     )
     dbias = q.new_empty((0,)) if dbias is None else _as_layout(dbias, torch.empty_like(bias))
     return _as_layout(dq, torch.empty_like(q)), _as_layout(dk, torch.empty_like(k)), _as_layout(dv, torch.empty_like(v)), dbias
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel, strict=False):
+def _(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel, strict=False,
+      block_layout=None):
     dbias = torch.empty_like(bias) if needs_dbias else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
@@ -174,20 +183,22 @@ def _setup_context(ctx, inputs, output):
     # or inference_mode nothing is saved, and m / log_l are plain outputs freed when unused.
     q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, _, kernel, *rest = inputs
     strict = bool(rest[0]) if rest else False
+    block_layout = rest[1] if len(rest) > 1 else None
     out, m, log_l = output
-    ctx.save_for_backward(q, k, v, bias, mask, seed, out, m, log_l)
+    ctx.save_for_backward(q, k, v, bias, mask, seed, out, m, log_l, block_layout)
     ctx.args = (scale, causal, dropout_p, gqa_group, mask_value, kernel, strict)
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(m, log_l)
 
 
 def _backward(ctx, dout, _dm, _dlog_l):
-    q, k, v, bias, mask, seed, out, m, log_l = ctx.saved_tensors
+    q, k, v, bias, mask, seed, out, m, log_l, block_layout = ctx.saved_tensors
     scale, causal, dropout_p, gqa_group, mask_value, kernel, strict = ctx.args
     needs_dbias = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.flashfuse.attention_backward(
         dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel,
         **({"strict": True} if strict else {}),
+        **({"block_layout": block_layout} if block_layout is not None else {}),
     )
     return (dq, dk, dv, (dbias if needs_dbias else None)) + (None,) * (ctx.n_inputs - 4)
 

@@ -27,7 +27,7 @@ def _valid_list() -> str:
     parts = []
     for name, f in _FIELDS.items():
         choices = _CHOICES.get(name)
-        parts.append(f"{name}: one of {', '.join(map(repr, choices))}" if choices else f"{name}: True or False")
+        parts.append(f"{name}: one of {', '.join(map(repr, choices))}" if choices else f"{name}: a bool (True or False)")
     return "; ".join(parts)
 
 
@@ -51,7 +51,7 @@ def _check_value(key: str, value: Any) -> None:
         if value not in _CHOICES[key]:
             raise ValueError(f"flashfuse: option {key!r} got {value!r}{_did_you_mean(value, _CHOICES[key])}; valid: {valid}")
     elif not isinstance(value, bool):
-        raise TypeError(f"flashfuse: option {key!r} must be True or False, got {type(value).__name__} {value!r}")
+        raise TypeError(f"flashfuse: option {key!r} must be a bool (True or False), got {type(value).__name__} {value!r}")
 
 
 def _check_combination(parsed: Options, given) -> None:

@@ -15,5 +15,5 @@ constraints=$(mktemp)
 import torch
 print("torch==" + torch.__version__.split("+")[0])
 PYEOF
-"$PY" -m pip install -q -c "$constraints" -e ".[test]"
+"$PY" -m pip install -q -c "$constraints" -e ".[test,models]"
 rm -f "$constraints"

@@ -1,10 +1,22 @@
-"""Block summaries: exact against brute force for real mask patterns; broadcast; cache semantics."""
+"""Block summaries: exact against brute force for real mask patterns; broadcast; cache semantics.
+Then the Triton kernels' block-sparse walk on those patterns (interpreter) and the explicit
+block-layout API, against the oracle.
+"""
+
+import os
 
 import pytest
 import torch
 
 from flashfuse import mask_patterns as mp
 from flashfuse.kernels import block_sparse as bs
+
+try:
+    import oracle  # tests/ is on sys.path under pytest's default import mode
+except ImportError:  # pragma: no cover
+    from tests import oracle
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warnings from the interpreter on masked rows
 
 BM, BN = 16, 32
 
@@ -45,6 +57,16 @@ def test_padding_mask_keeps_its_broadcast():
     got = bs.summarize(keep, BM, BN)
     assert got.shape == (3, 1, 1, 3)
     torch.testing.assert_close(got, _brute(keep, BM, BN), rtol=0, atol=0)
+
+
+def test_expanded_mask_keeps_its_broadcast():
+    # an expand()ed mask is summarized from its one distinct slice, never materialized
+    keep = mp.document([30, 50, 20])[None, None].expand(4, 8, 100, 100)
+    got = bs.summarize(keep, BM, BN)
+    assert got.shape == (1, 1, 7, 4)
+    torch.testing.assert_close(got, _brute(keep[:1, :1], BM, BN), rtol=0, atol=0)
+    rows = mp.padding([5, 64], 70).expand(2, 3, 40, 70)  # [B, 1, 1, N] expanded over heads and rows
+    assert bs.summarize(rows, BM, BN).shape == (2, 1, 1, 3)
 
 
 def test_bias_summary_empty_and_full():
@@ -100,3 +122,177 @@ def test_from_layout():
     lists = bs.from_layout(layout, 64, 64)
     assert lists.kv_count.tolist() == [[[1, 2]]]
     assert lists.kv_full[0, 0].tolist() == [[1, 0], [1, 1]]
+
+
+# -- the Triton kernels' block-sparse walk, under the interpreter, against the oracle -------------
+#
+# Sizes cross several 128-wide sparse blocks and end in ragged ones; every pattern runs the
+# forward and the backward (dq, dk, dv) and compares with tests/oracle.py in fp64.
+
+_GPU_SESSION = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+needs_interpreter = pytest.mark.skipif(_GPU_SESSION, reason="interpreter tests; tests/gpu/ covers the GPU")
+F32_MIN = torch.finfo(torch.float32).min
+
+
+def _rel(x, ref):
+    x, ref = x.detach().double(), ref.detach().double()
+    assert torch.equal(torch.isnan(x), torch.isnan(ref)), "NaN pattern differs from eager"
+    fin = torch.isfinite(ref)
+    return ((x[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30)).item()
+
+
+def run_sparse(mask=None, bias=None, layout=None, dense=None, causal=False, b=1, hq=2, group=1, d=16,
+               mask_value=float("-inf"), dropout_p=0.0, tol=1e-5):
+    """Triton kernels (fwd + bwd) with mask / bias / layout against the oracle; dense: the layout's element mask."""
+    from flashfuse.kernels import philox, triton_attention
+
+    ref_t = next(t for t in (mask, bias, dense) if t is not None)
+    m, n = ref_t.shape[-2:]
+    gen = torch.Generator().manual_seed(m * 7 + n)
+    q = torch.randn(b, hq, m, d, generator=gen)
+    k, v = (torch.randn(b, hq // group, n, d, generator=gen) for _ in range(2))
+    seed, scale = torch.tensor([11], dtype=torch.int64), d ** -0.5
+    args = (scale, causal, dropout_p, seed, group, mask_value)
+    out, m_stat, log_l = triton_attention.attention_forward(q, k, v, bias, mask, *args, layout)
+
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    bd = bias.double().requires_grad_() if bias is not None else None
+    keep = philox.keep_mask(11, dropout_p, b, hq, m, n) if dropout_p > 0 else None
+    omask = mask if dense is None else (dense if mask is None else mask & dense)
+    ref, lse = oracle.attention(qd, kd, vd, bd, omask, scale, causal, dropout_p, 11, group, mask_value, keep=keep)
+    assert _rel(out, ref) < tol, ("out", _rel(out, ref))
+    assert _rel(m_stat.double() + log_l.double(), lse) < 1e-5
+
+    dout = torch.randn(out.shape, generator=gen)
+    ref.backward(dout.double())
+    dq, dk, dv, dbias = triton_attention.attention_backward(dout, q, k, v, bias, mask, out, m_stat, log_l, *args, bias is not None, layout)
+    grads = [("dq", dq, qd.grad), ("dk", dk, kd.grad), ("dv", dv, vd.grad)]
+    if bias is not None:
+        grads.append(("dbias", dbias, bd.grad))
+    for name, got, want in grads:
+        assert _rel(got, want) < tol, (name, _rel(got, want))
+    return out
+
+
+# name -> (mask [.., M, N], kwargs of run_sparse)
+KERNEL_PATTERNS = {
+    "sliding_window-causal": lambda: (mp.sliding_window(300, 300, window=100)[None, None], dict(causal=True)),
+    "document-causal": lambda: (mp.document([100, 150, 50])[None, None], dict(causal=True)),
+    "prefix_lm": lambda: (mp.prefix_lm(300, 300, prefix=140)[None, None], {}),
+    "padding": lambda: (mp.padding([300, 129], 300), dict(b=2)),
+    "dilated": lambda: (mp.dilated(300, 300, stride=3)[None, None], {}),
+    "random_blocks-dropout": lambda: (mp.random_blocks(300, 260, 128, 128, density=0.4, seed=3)[None, None], dict(dropout_p=0.2)),
+    "causal-mask-cross": lambda: (mp.causal(200, 300)[None, None], {}),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", sorted(KERNEL_PATTERNS))
+def test_kernels_on_pattern(name):
+    mask, kwargs = KERNEL_PATTERNS[name]()
+    run_sparse(mask=mask, **kwargs)
+
+
+@needs_interpreter
+def test_kernels_per_head_masks_gqa():
+    # lists indexed per query head (GQA: dK/dV walks each head's own lists)
+    masks = [mp.sliding_window(260, 260, window=60), mp.document([128, 132]), mp.prefix_lm(260, 260, prefix=70), mp.causal(260, 260)]
+    run_sparse(mask=torch.stack(masks)[None], hq=4, group=2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernels_additive_bias_blocks(causal):
+    # a 0 / -inf document bias (EMPTY and FULL blocks) with some real values, full [B, H, M, N]:
+    # dBias must be 0 on the skipped tiles
+    gen = torch.Generator().manual_seed(4)
+    bias = torch.where(mp.document([130, 100, 70]), 0.0, float("-inf"))[None, None].repeat(2, 2, 1, 1)
+    bias[:, :, :140, :130] += torch.randn(2, 2, 140, 130, generator=gen)
+    run_sparse(bias=bias, b=2, causal=causal)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernels_finite_fill_fully_masked_rows(causal):
+    # finite fill: a fully masked row averages every key, EMPTY blocks included (they are walked)
+    mask = mp.document([128, 100, 72]).clone()
+    mask[5, :] = False
+    mask[200, :] = False
+    run_sparse(mask=mask[None, None], mask_value=F32_MIN, causal=causal)
+
+
+@needs_interpreter
+def test_kernels_skip_empty_blocks():
+    # NaN values in keys that only EMPTY blocks hold cannot reach the rows that skip them
+    from flashfuse.kernels import triton_attention
+
+    mask = mp.document([128, 128, 44])[None, None]
+    q, k, v = (torch.randn(1, 1, 300, 16) for _ in range(3))
+    v[..., 256:, :] = float("nan")
+    out, _, _ = triton_attention.attention_forward(q, k, v, None, mask, 0.25, False, 0.0, None, 1, float("-inf"))
+    assert out[..., :256, :].isfinite().all() and out[..., 256:, :].isnan().all()
+
+
+def _layout_case(seed=0, hq=4, m=300, n=270):
+    g = torch.Generator().manual_seed(seed)
+    mb, nb = -(-m // 128), -(-n // 128)
+    layout = torch.rand(hq, mb, nb, generator=g) < 0.5
+    layout[:, torch.arange(min(mb, nb)), torch.arange(min(mb, nb))] = True  # no query block left empty
+    dense = layout.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :m, :n][None]
+    return layout, dense
+
+
+@pytest.mark.parametrize("kernel", ["reference", pytest.param("triton", marks=needs_interpreter)])
+def test_block_sparse_attention_explicit_layout(kernel):
+    import flashfuse
+
+    layout, dense = _layout_case()
+    gen = torch.Generator().manual_seed(9)
+    dt = torch.float64 if kernel == "reference" else torch.float32
+    q = torch.randn(2, 4, 300, 16, generator=gen, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(2, 2, 270, 16, generator=gen, dtype=dt, requires_grad=True) for _ in range(2))
+    out = flashfuse.block_sparse_attention(q, k, v, layout, gqa_group=2, kernel=kernel)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = oracle.attention(qd, kd, vd, mask=dense, gqa_group=2)
+    assert _rel(out, ref) < 1e-5
+    dout = torch.randn(out.shape, generator=gen, dtype=dt)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
+    for g_, w in zip(got, want):
+        assert _rel(g_, w) < 1e-5
+
+
+@needs_interpreter
+def test_kernels_layout_with_mask_and_causal():
+    # explicit layout combined with a mask and the causal flag: skip what any of them says
+    from flashfuse.block_sparse_api import layout_summary
+
+    layout, dense = _layout_case(seed=2, hq=2, m=300, n=300)
+    mask = mp.sliding_window(300, 300, window=200, causal_=False)[None, None]
+    run_sparse(mask=mask, layout=layout_summary(layout, 1, 2, 300, 300), dense=dense, causal=True)
+
+
+def test_block_sparse_attention_rejects_bad_layouts():
+    import flashfuse
+
+    q = k = v = torch.randn(1, 2, 200, 8)
+    with pytest.raises(ValueError):
+        flashfuse.block_sparse_attention(q, k, v, torch.ones(3, 2, dtype=torch.bool), kernel="reference")
+    with pytest.raises(TypeError):
+        flashfuse.block_sparse_attention(q, k, v, torch.ones(2, 2), kernel="reference")
+
+
+def test_kernel_lists_structure():
+    # causal sliding window over 3 x 3 sparse blocks (ragged last): the lists leave the diagonal
+    # and ragged blocks to the kernels' tail and never list a block above the diagonal
+    keep = mp.sliding_window(300, 300, window=100)[None, None]
+    lists = bs.kernel_lists(None, keep, None, 128, 300, 300, causal=True, finite_fill=False)
+    assert lists.kv.shape == (1, 1, 3, 2 + 3 * 3) and lists.q.shape == (1, 1, 3, 2 + 3 * 3)
+    kv = lists.kv[0, 0]
+    assert kv[:, :2].tolist() == [[0, 0], [1, 0], [1, 0]]  # row 1: block 0 partial; row 2: block 1 (block 2 is the tail)
+    assert kv[1, 2] == 0 and kv[2, 2] == 1
+    assert kv[:, 8:].tolist() == [[2, 0, 0], [2, 2, 0], [0, 2, 2]]  # statuses (above the diagonal EMPTY)
+    q = lists.q[0, 0]
+    assert q[:, :2].tolist() == [[1, 0], [0, 0], [0, 0]]  # column 0: row 1; rows 2 is ragged (tail)
+    # cached while the mask is unchanged
+    assert bs.kernel_lists(None, keep, None, 128, 300, 300, causal=True, finite_fill=False) is lists

@@ -223,20 +223,22 @@ _COMMON = render.load_module("fwd", render.template_options(torch.float32, 16, F
 
 
 @triton.jit
-def _keep_mask_kernel(Seed, Out, dropout_p, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keep_mask_kernel(Seed, Out, dropout_t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = tl.program_id(1) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
     seed_lo, seed_hi = _COMMON._seed_words(Seed)
-    keep = _COMMON._dropout_keep(seed_lo, seed_hi, bh, rows[:, None], cols[None, :], dropout_p)
+    keep = _COMMON._dropout_keep(seed_lo, seed_hi, bh, rows, start_n, dropout_t, BLOCK_N)
     offs = bh.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
     tl.store(Out + offs, keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def triton_keep_mask(seed: int, p: float, b: int, h: int, m: int, n: int) -> torch.Tensor:
+def triton_keep_mask(seed: int, p: float, b: int, h: int, m: int, n: int, block_n: int = 64) -> torch.Tensor:
     out = torch.full((b, h, m, n), -1, dtype=torch.int8)
     seed_t = torch.tensor([seed], dtype=torch.int64)
-    _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 64), b * h)](seed_t, out, p, m, n, BLOCK_M=32, BLOCK_N=64)
+    grid = (triton.cdiv(m, 32), triton.cdiv(n, block_n), b * h)
+    _keep_mask_kernel[grid](seed_t, out, philox.threshold(p), m, n, BLOCK_M=32, BLOCK_N=block_n)
     assert (out >= 0).all()
     return out.bool()
 
@@ -248,13 +250,31 @@ def test_philox_bit_exact(seed):
     assert torch.equal(got, want)
 
 
+def test_philox_tile_independent():
+    # 8 keys per Philox call, interleaved in-kernel: the mask must not depend on BLOCK_N
+    want = philox.keep_mask(77, 0.5, 1, 2, 33, 96)
+    for block_n in (8, 16, 32):
+        assert torch.equal(triton_keep_mask(77, 0.5, 1, 2, 33, 96, block_n=block_n), want), block_n
+
+
+def test_philox_packing_spec():
+    # spelled out for one element: counter (j // 8, i, bh, 0), word (j % 8) // 2, half j % 2
+    seed, bh, i, j = 2**35 + 3, 5, 17, 8 * 11 + 5
+    words = philox.philox4(seed, torch.tensor([j // 8]), torch.tensor([i]), torch.tensor([bh]))
+    u16 = (int(words[(j % 8) // 2]) >> (16 * (j % 2))) & 0xFFFF
+    assert int(philox.uniform16(seed, torch.tensor(bh), torch.tensor(i), torch.tensor(j))) == u16
+    assert philox.threshold(0.1) == round(0.1 * 65536) and philox.threshold(0.0) == 0
+    for p in (0.1, 0.3, 1e-6, 0.99999):
+        assert abs(philox.keep_probability(p) - (1 - p)) <= 1 / 131072
+
+
 def test_philox_keep_rate():
     p, b, h, m, n = 0.3, 2, 2, 128, 256
     keep = triton_keep_mask(99, p, b, h, m, n)
     count = keep.numel()
     rate = keep.double().mean().item()
     sigma = (p * (1 - p) / count) ** 0.5
-    assert abs(rate - (1 - p)) < 4 * sigma, (rate, sigma)
+    assert abs(rate - philox.keep_probability(p)) < 4 * sigma, (rate, sigma)
     # different seeds give different masks
     assert not torch.equal(keep, triton_keep_mask(100, p, b, h, m, n))
 
@@ -285,7 +305,7 @@ def test_render_sources(tmp_path, monkeypatch):
         assert path.parent == tmp_path and path.exists()
         text = path.read_text()
         assert "Notation:" in text and "Grid:" in text and "head_dim=80 (BLOCK_D=128)" in text
-        assert "def _philox_c0" in text and "{%" not in text and "{{" not in text
+        assert "def _philox4" in text and "{%" not in text and "{{" not in text
         compile(text, str(path), "exec")
     assert "reset_to_zero" in paths["bwd_dkdv"].read_text()
     # rendering again is a cache hit: same file
@@ -301,3 +321,51 @@ def test_configs_prune():
                 one = configs.prune(kind, configs.CONFIGS[kind], block_d, block_d, elem, 100 * 1024, autotune=False)
                 assert one == kept[:1]
     assert len(configs.config_dicts("fwd")) == 1  # the interpreter's single small config
+
+
+def test_smem_estimate_counts_bias_mask_and_stages():
+    # H200, bf16, D=80 (BLOCK_D=128), bias and mask: the forward's 128x128 3-stage config needed
+    # 262144 bytes of shared memory (232448 available) and must be pruned; without bias/mask it fits
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    assert configs.shared_memory_estimate("fwd", cfg, 128, 128, 2, bias_bytes=2, has_mask=True) >= 262144
+    kept = configs.prune("fwd", configs.CONFIGS["fwd"], 128, 128, 2, 232448, autotune=False, bias_bytes=2, has_mask=True)
+    assert (kept[0]["BLOCK_M"], kept[0]["BLOCK_N"]) != (128, 128)
+    assert configs.prune("fwd", configs.CONFIGS["fwd"], 128, 128, 2, 232448, autotune=False)[0]["BLOCK_N"] == 128
+    for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+        for c in configs.CONFIGS[kind]:
+            # the block-sparse walk and the 8-keys-per-call dropout rely on these
+            assert 128 % c["BLOCK_M"] == 0 and 128 % c["BLOCK_N"] == 0 and c["BLOCK_N"] % 8 == 0, (kind, c)
+
+
+def test_out_of_resources_falls_through_to_next_config(monkeypatch):
+    # A real autotuner whose first config "runs out of shared memory" at launch (raised from its
+    # pre_hook, where the GPU raises it from the compiled kernel's launch): the launcher bans it for
+    # this variant and runs the next config, now and on later calls, without retrying the first.
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setenv("FLASHFUSE_AUTOTUNE", "0")
+    configs._BANNED.clear()
+    calls = []
+
+    def too_big(nargs):
+        calls.append("big")
+        raise OutOfResources(262144, 232448, "shared memory")
+
+    big = triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3, pre_hook=too_big)
+    small = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3)
+
+    @triton.autotune(configs=[big, small], key=["N"], prune_configs_by={"early_config_prune": configs.prune_fwd})
+    @triton.jit
+    def fill(Q, Out, N, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(Out + offs, tl.full([BLOCK_N], BLOCK_N, tl.int32), mask=offs < N)
+
+    for c in (big, small):  # the estimate needs a BLOCK_M
+        c.kwargs["BLOCK_M"] = 16
+    q = torch.zeros(1, dtype=torch.bfloat16)  # a 16-bit Q: both configs fit the dtype bounds
+    for _ in range(2):
+        out = torch.zeros(100, dtype=torch.int32)
+        triton_attention._launch("fwd", fill, lambda meta: (triton.cdiv(100, meta["BLOCK_N"]),), q, out, 100, BLOCK_DV=16)
+        assert (out == 32).all()
+    assert calls == ["big"]
+    configs._BANNED.clear()

@@ -15,6 +15,9 @@ every layer is summarized once per step.
 The kernels walk compact per-row-block lists built from the summary (as block-sparse
 FlashAttention does): for each query block, the indices of its non-empty key blocks and
 whether each is full; for each key block, the same over query blocks, for the dK/dV pass.
+`lists_for` gives those lists; `kernel_lists` packs them the way the Triton kernels read
+them (partial and full blocks in separate lists, the causal diagonal and ragged edge blocks
+left to the kernels' bounds-checked tail), cached like the summaries.
 """
 
 from __future__ import annotations
@@ -53,8 +56,20 @@ def _valid_counts(m: int, n: int, bm: int, bn: int, device) -> Tensor:
     return (rows[:, None] * cols[None, :]).to(torch.int32)
 
 
+def _collapse_expanded(t: Tensor) -> Tensor:
+    # An expand()ed dim (stride 0) holds one distinct slice: summarize that one, as for size 1.
+    for dim in range(3):
+        if t.shape[dim] > 1 and t.stride(dim) == 0:
+            t = t.narrow(dim, 0, 1)
+    return t
+
+
 def summarize(t: Tensor, block_m: int, block_n: int) -> Tensor:
-    """int8 summary [B|1, H|1, Mb|1, Nb] of a 4-D bool keep-mask or additive bias."""
+    """int8 summary [B|1, H|1, Mb|1, Nb] of a 4-D bool keep-mask or additive bias.
+
+    Dims of size 1, or expanded with stride 0, stay 1 in the summary (they broadcast).
+    """
+    t = _collapse_expanded(t)
     m, n = t.shape[-2:]
     bm = block_m if m > 1 else 1
     valid = _valid_counts(m, n, bm, block_n, t.device)
@@ -68,10 +83,8 @@ def summarize(t: Tensor, block_m: int, block_n: int) -> Tensor:
         zero = (tiles == 0).sum(dim=(3, 5), dtype=torch.int32)
         empty = neg_inf == tiles.shape[3] * tiles.shape[5]
         full = zero == valid
-    out = torch.full(empty.shape, PARTIAL, dtype=torch.int8, device=t.device)
-    out[full] = FULL
-    out[empty] = EMPTY
-    return out
+    # torch.where, not masked assignment: no host sync, so it can run inside a CUDA graph capture
+    return torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
 
 
 @dataclasses.dataclass
@@ -147,6 +160,8 @@ class _Cache:
         return (id(t), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version, block_m, block_n)
 
     def get(self, t: Tensor, block_m: int, block_n: int) -> Tensor:
+        if _capturing():
+            return summarize(t, block_m, block_n)
         key = self._key(t, block_m, block_n)
         hit = self.entries.get(key)
         if hit is not None and hit[0]() is t:
@@ -165,6 +180,12 @@ class _Cache:
         self.hits = self.misses = 0
 
 
+def _capturing() -> bool:
+    # Inside a CUDA graph capture the summary must be computed by captured kernels, so a replay
+    # sees the inputs of that replay: no cached results go in or come out.
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 cache = _Cache()
 
 
@@ -173,3 +194,124 @@ def lists_for(bias: Optional[Tensor], mask: Optional[Tensor], block_m: int, bloc
     summaries = [cache.get(t, block_m, block_n) for t in (bias, mask) if t is not None]
     summary = combine(*summaries)
     return None if summary is None else lists_from_summary(summary, block_m, block_n)
+
+
+# -- the Triton kernels' packed lists -------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class KernelLists:
+    """Block-sparse work lists as the Triton kernels read them, broadcast batch/head dims kept at 1.
+
+    kv [Bs, Hs, Mb, 2 + 3 * Nb] int32, one row per query block r (forward and dQ):
+        [n_partial, n_full, partial key blocks (Nb slots, first n_partial valid),
+         full key blocks (Nb slots, first n_full valid), status of every key block (Nb)]
+    q  [Bs, Hs, Nb, 2 + 3 * Mb] int32: the same per key block c over query blocks (dK/dV).
+
+    The partial/full lists hold only blocks the kernels can walk with no bounds or causal
+    checks; the kernels handle the rest from the status entries:
+        kv: key blocks c < tail(r), tail(r) = min(r, N // block) if causal else N // block
+            (the diagonal block or the ragged last one, whichever comes first);
+        q:  query blocks r < M // block, and r > c if causal (the diagonal block c and the
+            ragged last block are the tail).
+    Status is the combined summary (EMPTY / FULL / PARTIAL) of mask, bias and layout.
+    """
+
+    kv: Tensor
+    q: Tensor
+    summary: Tensor
+    block: int
+
+    @property
+    def density(self) -> float:
+        """Fraction of (batch, head, query block, key block) tiles that are not EMPTY."""
+        return float((self.summary != EMPTY).float().mean())
+
+
+def _compact(sel: Tensor):
+    # [..., L] bool -> (count [...], indices [..., L]): the selected positions first, ascending.
+    count = sel.sum(-1, dtype=torch.int32)
+    order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return count, order
+
+
+def _pack(status: Tensor, main: Tensor) -> Tensor:
+    # status [..., R, L] int8, main [R, L] bool -> [..., R, 2 + 3 L] int32
+    n_part, part = _compact((status == PARTIAL) & main)
+    n_full, full = _compact((status == FULL) & main)
+    return torch.cat([n_part[..., None], n_full[..., None], part, full, status.to(torch.int32)], dim=-1).contiguous()
+
+
+def pack_lists(summary: Tensor, block: int, m: int, n: int, causal: bool) -> KernelLists:
+    """KernelLists of a [Bs, Hs, Mb|1, Nb] summary at `block` granularity for M queries, N keys."""
+    mb, nb = _cdiv(m, block), _cdiv(n, block)
+    if summary.shape[-1] != nb or summary.shape[-2] not in (1, mb):
+        raise ValueError(f"flashfuse: block summary {tuple(summary.shape)} does not tile [{m}, {n}] in blocks of {block}")
+    summary = summary.expand(*summary.shape[:2], mb, nb)
+    r = torch.arange(mb, device=summary.device)[:, None]
+    c = torch.arange(nb, device=summary.device)[None, :]
+    if causal:
+        # blocks above the diagonal hold no visible key
+        summary = torch.where(c > r, EMPTY, summary).to(torch.int8)
+        kv_main = c < torch.clamp(r, max=n // block)
+        q_main = (r < m // block) & (r > c)
+    else:
+        kv_main = (c < n // block).expand(mb, nb)
+        q_main = (r < m // block).expand(mb, nb)
+    kv = _pack(summary, kv_main)
+    q = _pack(summary.transpose(-2, -1), q_main.transpose(0, 1))
+    return KernelLists(kv=kv, q=q, summary=summary, block=block)
+
+
+def _demote_empty(summary: Tensor) -> Tensor:
+    return torch.where(summary == EMPTY, PARTIAL, summary).to(torch.int8)
+
+
+class _ListCache:
+    """KernelLists of live, unchanged inputs (same rule as _Cache), keyed with the call's shape."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, tensors, extra, build):
+        if _capturing():
+            return build()
+        key = tuple(None if t is None else _Cache._key(t, 0, 0) for t in tensors) + tuple(extra)
+        hit = self.entries.get(key)
+        if hit is not None and all((ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(hit[0], tensors)):
+            self.entries.move_to_end(key)
+            return hit[1]
+        value = build()
+        self.entries[key] = (tuple(None if t is None else weakref.ref(t) for t in tensors), value)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+kernel_list_cache = _ListCache()
+
+
+def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optional[Tensor], block: int,
+                 m: int, n: int, causal: bool, finite_fill: bool) -> Optional[KernelLists]:
+    """The Triton kernels' lists for one call (None when there is no bias, mask or layout).
+
+    layout: an int8 summary at `block` granularity (EMPTY blocks are not computed at all).
+    finite_fill: the mask's fill value is finite. Then a row whose keys are all masked is a
+    uniform average over every key, masked blocks included, so mask/bias EMPTY blocks are
+    walked like PARTIAL ones (FULL blocks still skip their loads); layout EMPTY blocks still go.
+    """
+    if bias is None and mask is None and layout is None:
+        return None
+
+    def build():
+        summary = combine(*(cache.get(t, block, block) for t in (bias, mask) if t is not None))
+        if summary is not None and finite_fill:
+            summary = _demote_empty(summary)
+        summary = combine(summary, layout)
+        return pack_lists(summary, block, m, n, causal)
+
+    return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill)), build)

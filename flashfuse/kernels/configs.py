@@ -3,8 +3,15 @@
 Each kernel kind has a list of candidate configs in order of preference: the first one that
 survives pruning is what runs when autotuning is off (FLASHFUSE_AUTOTUNE=0) and what the
 explain report names as the default. Pruning drops configs whose tiles cannot fit the head
-dim, the dtype or the device's shared memory. Under TRITON_INTERPRET=1 (CPU tests) each kind
-has one small config, so the interpreter runs few, cheap programs and never benchmarks.
+dim, the dtype or the device's shared memory (estimated from every tile a kernel variant
+stages: K/V/Q/dO, the bias and mask tiles, times the pipeline depth). Configs that a launch
+still found out of resources are banned for that kernel variant (`ban`, called by the
+launchers) and pruned from then on. Under TRITON_INTERPRET=1 (CPU tests) each kind has one
+small config, so the interpreter runs few, cheap programs and never benchmarks.
+
+Every BLOCK_M and BLOCK_N divides 128, the block-sparse granularity
+(triton_attention.SPARSE_BLOCK), and every BLOCK_N is a multiple of 8 (one Philox call
+feeds 8 keys of dropout).
 
 Block relations the kernels assert (tl.static_assert):
     fwd:  BLOCK_M % BLOCK_N == 0  (the causal diagonal is whole key blocks)
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -161,19 +168,31 @@ def shared_memory_limit(device=None) -> int:
     return _device_shared_memory(index)
 
 
-def shared_memory_estimate(kind: str, c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int) -> int:
-    """A rough upper estimate of a config's shared memory: the pipelined tiles times their stages."""
-    stages = max(c.get("num_stages", 1) - 1, 1)
+def shared_memory_estimate(kind: str, c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int,
+                           bias_bytes: int = 0, has_mask: bool = False) -> int:
+    """A conservative estimate of a config's shared memory in bytes.
+
+    Tiles loaded inside the pipelined loop are buffered num_stages - 1 times; tiles that stay
+    for the whole program (Q in the forward, K/V in dK/dV, Q/dO in dQ) and the tiles that
+    round-trip between dots (P^T, dS^T) once. bias_bytes is the bias element size (0: no
+    bias), has_mask adds the 1-byte mask tile. The head dims are the padded BLOCK_D/BLOCK_DV.
+    NB: the H200 failure this replaced (bf16, D=80 -> BLOCK_D=128, bias and mask, fwd config
+    128x128 with 3 stages: "Required: 262144") is exactly 2 x (K + V + bias + mask) + Q.
+    """
+    buffers = max(c.get("num_stages", 1) - 1, 1)
     bm, bn = c["BLOCK_M"], c.get("BLOCK_N", 0)
+    tile = bm * bn * (bias_bytes + (1 if has_mask else 0))  # one bias + mask tile, any orientation
     if kind == "fwd":
-        # K and V tiles are multi-buffered (Q stays in registers).
-        return elem_bytes * stages * bn * (block_d + block_dv)
+        # K and V (and the bias / mask tiles) are multi-buffered; Q stays.
+        return buffers * (elem_bytes * bn * (block_d + block_dv) + tile) + elem_bytes * bm * block_d
     if kind == "bwd_dkdv":
-        # K and V stay; Q and dO tiles stream; P^T and dS^T round-trip for the dots.
-        return elem_bytes * (bn * (block_d + block_dv) + stages * bm * (block_d + block_dv) + 2 * bm * bn)
+        # K and V stay; Q^T and dO (and the bias / mask tiles) stream; P^T and dS^T round-trip.
+        resident = elem_bytes * (bn * (block_d + block_dv) + 2 * bm * bn)
+        return resident + buffers * (elem_bytes * bm * (block_d + block_dv) + tile + 3 * 4 * bm)
     if kind == "bwd_dq":
-        # Q and dO stay; K and V tiles stream; dS round-trips for the dot.
-        return elem_bytes * (bm * (block_d + block_dv) + stages * bn * (block_d + block_dv) + bm * bn)
+        # Q and dO stay; K^T and V^T (and the bias / mask tiles) stream; dS round-trips.
+        resident = elem_bytes * (bm * (block_d + block_dv) + bm * bn)
+        return resident + buffers * (elem_bytes * bn * (block_d + block_dv) + tile)
     return 0
 
 
@@ -193,17 +212,57 @@ def _as_dict(c) -> Dict[str, Any]:
     return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, **_BOUNDS.get(id(c), {})}
 
 
-def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune: bool = True) -> list:
+def _signature(c) -> tuple:
+    d = _as_dict(c)
+    return tuple(sorted((k, v) for k, v in d.items() if k not in ("max_block_d", "fp32")))
+
+
+# Configs that ran out of resources at launch, per kernel variant: {variant_key: {signature}}.
+_BANNED: Dict[tuple, set] = {}
+_VARIANT_ARGS = ("HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "DROPOUT",
+                 "LOG2_DOMAIN", "DOT_PRECISION", "BIAS_GRAD", "DBIAS_ATOMIC", "BIAS_ROW_BCAST", "HAS_SPARSE", "SPARSE_BLOCK")
+
+
+def _dtype_of(t):
+    return str(t.dtype) if hasattr(t, "dtype") else None
+
+
+def variant_key(kind: str, args: Dict[str, Any]) -> tuple:
+    """What a kernel variant's resources depend on, from its launch arguments (named args and constexprs)."""
+    ref = args.get("Q", args.get("DO"))
+    device = str(ref.device) if hasattr(ref, "device") else None
+    return (kind, device, _dtype_of(ref), _dtype_of(args.get("Bias")), _dtype_of(args.get("Mask")),
+            *(args.get(name) for name in _VARIANT_ARGS))
+
+
+def banned(key: tuple) -> set:
+    return _BANNED.get(key, set())
+
+
+def ban(kind: str, args: Dict[str, Any], config, candidates) -> bool:
+    """Ban `config` for the variant of `args`; whether any candidate config is left to try."""
+    key = variant_key(kind, args)
+    gone = _BANNED.setdefault(key, set())
+    gone.add(_signature(config))
+    return any(_signature(c) not in gone for c in candidates)
+
+
+def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune: bool = True,
+          bias_bytes: int = 0, has_mask: bool = False, exclude: Optional[set] = None) -> list:
     """Configs that fit the head dim, dtype and shared memory; never empty.
 
-    Works on triton.Config objects (from triton_configs) or plain dicts. When nothing fits,
-    the config with the smallest shared-memory estimate is kept. With autotune off, keeps only
-    the first config that fits, so nothing is benchmarked.
+    Works on triton.Config objects (from triton_configs) or plain dicts. exclude: signatures
+    of banned configs, dropped first. When nothing fits, the remaining config with the
+    smallest shared-memory estimate is kept. With autotune off, keeps only the first config
+    that fits, so nothing is benchmarked.
     """
     if len(configs) <= 1:
         return list(configs)
+    if exclude:
+        allowed = [c for c in configs if _signature(c) not in exclude]
+        configs = allowed or list(configs)
     dicts = [_as_dict(c) for c in configs]
-    est = [shared_memory_estimate(kind, d, block_d, block_dv, elem_bytes) for d in dicts]
+    est = [shared_memory_estimate(kind, d, block_d, block_dv, elem_bytes, bias_bytes, has_mask) for d in dicts]
     kept = [c for c, d, e in zip(configs, dicts, est) if e <= smem_limit and _fits(d, block_d, block_dv, elem_bytes)]
     if not kept:
         kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
@@ -220,7 +279,11 @@ def _pruner(kind: str):
         ref = args.get("Q", args.get("DO"))
         elem_bytes = ref.element_size() if hasattr(ref, "element_size") else 2
         device = ref.device if hasattr(ref, "device") else None
-        return prune(kind, configs, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune_enabled())
+        bias = args.get("Bias")
+        bias_bytes = bias.element_size() if hasattr(bias, "element_size") else 0
+        has_mask = hasattr(args.get("Mask"), "element_size")
+        return prune(kind, configs, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune_enabled(),
+                     bias_bytes=bias_bytes, has_mask=has_mask, exclude=banned(variant_key(kind, args)))
 
     early_config_prune.__name__ = f"prune_{kind}"
     return early_config_prune
@@ -232,8 +295,11 @@ prune_bwd_dkdv = _pruner("bwd_dkdv")
 prune_bwd_dq = _pruner("bwd_dq")
 
 
-def default_config(kind: str, block_d: int, block_dv: int, dtype: torch.dtype, device=None) -> Dict[str, Any]:
+def default_config(kind: str, block_d: int, block_dv: int, dtype: torch.dtype, device=None,
+                   bias_dtype: Optional[torch.dtype] = None, has_mask: bool = False) -> Dict[str, Any]:
     """The config that runs with autotuning off: the first candidate that survives pruning."""
     elem_bytes = torch.empty((), dtype=dtype).element_size()
+    bias_bytes = torch.empty((), dtype=bias_dtype).element_size() if bias_dtype is not None else 0
     dicts = config_dicts(kind)
-    return prune(kind, dicts, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune=False)[0]
+    return prune(kind, dicts, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune=False,
+                 bias_bytes=bias_bytes, has_mask=has_mask)[0]

@@ -6,9 +6,14 @@ Notation (the op's contract, shared by every kernel):
     s = scale * q @ k^T + bias
     s = where(mask, s, mask_value)            # the user's fill value, -inf or finite
     s = where(j <= i, s, -inf) if causal      # top-left aligned, like torch.tril
+    s = where(layout[i // 128, j // 128] != EMPTY, s, -inf) if block_layout is given
     p = softmax(s, -1);  p = p * keep / (1 - dropout_p)  (keep from flashfuse.kernels.philox)
     out = p @ v: [B, Hq, M, Dv]
     logsumexp(s, -1) = m + log_l, both [B, Hq, M] fp32: m the row max, log_l = log(sum exp(s - m))
+
+block_layout: None or an int8 block summary [B|1, Hq|1, cdiv(M, 128), cdiv(N, 128)]
+(`flashfuse.kernels.block_sparse`: EMPTY = 0 blocks are not computed, i.e. -inf like causal).
+The Triton kernels skip those blocks; this kernel masks them.
 
 In the backward, dS is zero wherever the mask replaced a score (its fill value is a constant),
 so dq, dk and dbias get nothing from those positions even when the fill value is finite.
@@ -37,6 +42,8 @@ BLOCK_N = 256
 # (CPU profiler): 29 MiB with key tiling alone, 7.3 MiB with BLOCK_M=512; the N x N scores
 # alone are 64 MiB, and eager attention peaked at 193 MiB.
 BLOCK_M = 512
+# Granularity of block_layout (the Triton launcher's SPARSE_BLOCK).
+LAYOUT_BLOCK = 128
 
 
 def _grouped(q: Tensor, group: int) -> Tensor:
@@ -61,8 +68,25 @@ def _rows(t: Optional[Tensor], rows: slice) -> Optional[Tensor]:
     return t if t is None or t.shape[2] == 1 else t[:, :, rows]
 
 
-def _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop, row0=0):
-    """Scores of key block [start, stop) in fp32: [B, Hkv, G, M, n_blk]."""
+def _layout_rows(layout: Optional[Tensor], rows: slice) -> Optional[Tensor]:
+    # The block layout expanded to these query rows (its query-block dim indexed per row).
+    if layout is None or layout.shape[2] == 1:
+        return layout
+    idx = torch.arange(rows.start, rows.stop, device=layout.device) // LAYOUT_BLOCK
+    return layout.index_select(2, idx)
+
+
+def _layout_keep(layout: Optional[Tensor], group: int, start: int, stop: int) -> Optional[Tensor]:
+    # [B|1, H|1, m, Nb] layout rows -> bool keep of key columns [start, stop), viewed like _block_view.
+    if layout is None:
+        return None
+    idx = torch.arange(start, stop, device=layout.device) // LAYOUT_BLOCK
+    keep = layout.index_select(3, idx) != 0
+    return _block_view(keep, group, slice(None))
+
+
+def _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop, row0=0, layout=None):
+    """Scores of key block [start, stop) in fp32: [B, Hkv, G, M, n_blk]. layout: _layout_rows of these rows."""
     cols = slice(start, stop)
     kb = k[:, :, None, start:stop].to(qg.dtype)
     s = torch.matmul(qg, kb.transpose(-2, -1)) * scale
@@ -77,6 +101,9 @@ def _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop, ro
         rows = torch.arange(row0, row0 + m, device=s.device).view(m, 1)
         keys = torch.arange(start, stop, device=s.device).view(1, -1)
         s = s.masked_fill(keys > rows, float("-inf"))
+    layout_b = _layout_keep(layout, group, start, stop)
+    if layout_b is not None:
+        s = torch.where(layout_b, s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
     return s
 
 
@@ -98,7 +125,7 @@ def _finite_max(m: Tensor) -> Tensor:
     return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
-def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value):
+def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value, block_layout=None):
     b, hq, m, _ = q.shape
     dv = v.shape[-1]
     seed_val = int(seed.item()) if dropout_p > 0 else 0
@@ -108,14 +135,17 @@ def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group
     log_l = torch.empty_like(m_stat)
     for r0 in range(0, m, BLOCK_M):
         rows = slice(r0, min(r0 + BLOCK_M, m))
-        o, mi, li = _forward_rows(q[:, :, rows], k, v, _rows(bias, rows), _rows(mask, rows), scale, causal, dropout_p, seed_val, group, mask_value, r0)
+        o, mi, li = _forward_rows(
+            q[:, :, rows], k, v, _rows(bias, rows), _rows(mask, rows), scale, causal, dropout_p, seed_val, group, mask_value, r0,
+            _layout_rows(block_layout, rows),
+        )
         out[:, :, rows] = o
         m_stat[:, :, rows] = mi.float()
         log_l[:, :, rows] = li.float()
     return out, m_stat, log_l
 
 
-def _forward_rows(q, k, v, bias, mask, scale, causal, dropout_p, seed_val, group, mask_value, row0):
+def _forward_rows(q, k, v, bias, mask, scale, causal, dropout_p, seed_val, group, mask_value, row0, layout=None):
     b, hq, m, _ = q.shape
     n, dv = k.shape[-2], v.shape[-1]
     acc_dtype = _acc_dtype(q)
@@ -126,7 +156,7 @@ def _forward_rows(q, k, v, bias, mask, scale, causal, dropout_p, seed_val, group
     acc = torch.zeros(shape5[:-1] + (dv,), device=q.device, dtype=acc_dtype)
     for start in range(0, n, BLOCK_N):
         stop = min(start + BLOCK_N, n)
-        s = _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop, row0)
+        s = _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop, row0, layout)
         # -- update m_i and l_i --
         m_new = torch.maximum(m_i, s.amax(-1, keepdim=True))
         m_safe = _finite_max(m_new)
@@ -149,7 +179,8 @@ def _reduce_to(t: Tensor, shape) -> Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
-def attention_backward(dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, needs_dbias):
+def attention_backward(dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, needs_dbias,
+                       block_layout=None):
     m = q.shape[2]
     seed_val = int(seed.item()) if dropout_p > 0 else 0
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -163,12 +194,14 @@ def attention_backward(dout, q, k, v, bias, mask, out, m_stat, log_l, scale, cau
         dq[:, :, rows] = _backward_rows(
             dout[:, :, rows], q[:, :, rows], k, v, _rows(bias, rows), _rows(mask, rows), out[:, :, rows], m_stat[:, :, rows],
             log_l[:, :, rows], scale, causal, dropout_p, seed_val, group, mask_value, dk, dv, dbias_rows, r0,
+            _layout_rows(block_layout, rows),
         )
     dbias_out = dbias.to(bias.dtype) if dbias is not None else None
     return dq, dk.to(k.dtype), dv.to(v.dtype), dbias_out
 
 
-def _backward_rows(dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed_val, group, mask_value, dk, dv, dbias, row0):
+def _backward_rows(dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed_val, group, mask_value, dk, dv, dbias, row0,
+                   layout=None):
     """Accumulates into dk, dv (and dbias, a view of these rows or all of it); returns dq of these rows."""
     b, hq, m, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
@@ -182,7 +215,7 @@ def _backward_rows(dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal,
     dq = torch.zeros_like(qg)
     for start in range(0, n, BLOCK_N):
         stop = min(start + BLOCK_N, n)
-        s = _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop, row0)
+        s = _scores(qg, k, bias, mask, scale, causal, mask_value, group, start, stop, row0, layout)
         p = torch.exp(s - m_g - log_l_g)  # recomputed from the logsumexp, never stored
         vb = v[:, :, None, start:stop].to(acc_dtype)
         dp = torch.matmul(dog, vb.transpose(-2, -1))

@@ -11,21 +11,35 @@ contract). The kernels are rendered from `flashfuse/templates/*.py.jinja` by
 
 q, k, v, bias, mask, dout are read through their strides (size-1 bias/mask dims get stride 0);
 nothing is made contiguous and nothing M x N is allocated.
+
+Block sparsity: whenever a bias, a mask or an explicit block layout reaches the kernels, the
+launchers summarize them per SPARSE_BLOCK x SPARSE_BLOCK tile (`block_sparse.kernel_lists`,
+cached while the tensors are alive and unchanged, so a mask shared by every layer is
+summarized once per step) and the kernels walk only the non-empty tiles, loading no mask or
+bias on full ones. Causal skipping stays compile-time and combines with the lists.
+
+Resources: the autotuner's configs are pruned by a shared-memory estimate
+(`configs.prune`); a launch that still fails with OutOfResources drops that config for the
+kernel variant and runs the next one (`_launch`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 import triton
+from triton.runtime.errors import OutOfResources
 
-from flashfuse.kernels import render
+from flashfuse.kernels import block_sparse, configs, philox, render
 
 LOG2E = 1.4426950408889634
+# Granularity of the block-sparse summaries and lists: every config's BLOCK_M and BLOCK_N divide it.
+SPARSE_BLOCK = 128
 
 
 def _bcast_strides(t: Optional[Tensor]):
@@ -67,14 +81,71 @@ def _scalars(scale: float, bias, mask, mask_value: float, dropout_p: float):
     return mask_value, log2_domain, float(qk_scale), dropout, float(dropout_scale)
 
 
+def _sparse(bias, mask, block_layout, mask_value: float, causal: bool, m_len: int, n_len: int):
+    """(lists or None, HAS_SPARSE constexpr kwargs): block_sparse.KernelLists for this call."""
+    lists = block_sparse.kernel_lists(
+        bias, mask, block_layout, SPARSE_BLOCK, m_len, n_len, bool(causal),
+        finite_fill=mask is not None and math.isfinite(mask_value),
+    )
+    return lists, dict(HAS_SPARSE=lists is not None, SPARSE_BLOCK=SPARSE_BLOCK)
+
+
+def _list_args(t: Optional[Tensor]):
+    """(tensor, stride_z, stride_h, stride_row, row length in blocks) of packed lists; 0 on broadcast dims."""
+    if t is None:
+        return (None, 0, 0, 0, 0)
+    return (t, *(0 if t.shape[i] == 1 else t.stride(i) for i in range(3)), (t.shape[-1] - 2) // 3)
+
+
+_checked: set = set()
+
+
+def _check_blocks(kind: str, kernel) -> None:
+    # the sparse walk steps inside SPARSE_BLOCK-wide blocks: every config's tiles must divide it
+    if id(kernel) in _checked:
+        return
+    for c in getattr(kernel, "configs", ()):
+        for name in ("BLOCK_M", "BLOCK_N"):
+            size = c.kwargs.get(name)
+            assert size is None or SPARSE_BLOCK % size == 0, f"flashfuse: {kind} config {c} has {name}={size}, which does not divide SPARSE_BLOCK={SPARSE_BLOCK}"
+    _checked.add(id(kernel))
+
+
+def _launch(kind: str, kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs); a config that runs out of resources is dropped and the next one runs.
+
+    The ban is kept per kernel variant (configs.variant_key) for the process; the autotuner's
+    cached choices of that config are forgotten, so the next launch prunes again without it.
+    """
+    tried = set()
+    while True:
+        try:
+            return kernel[grid](*args, **kwargs)
+        except OutOfResources:
+            failed = getattr(kernel, "best_config", None)
+            if failed is None or not hasattr(kernel, "configs") or id(failed) in tried:
+                raise
+            tried.add(id(failed))
+            named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+            if not configs.ban(kind, named, failed, kernel.configs):
+                raise
+            cache = getattr(kernel, "cache", {})
+            for key in [key for key, cfg in cache.items() if cfg is failed]:
+                del cache[key]
+
+
 def _options(q, k, v, bias, mask, causal, dropout, needs_dbias):
     return render.template_options(
         q.dtype, k.shape[-1], bias is not None, mask is not None, causal, dropout, needs_dbias, head_dim_v=v.shape[-1]
     )
 
 
-def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value):
-    """-> (out [B, Hq, M, Dv] as a transpose of a [B, M, Hq, Dv] tensor, m, log_l [B, Hq, M] fp32)."""
+def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value, block_layout=None):
+    """-> (out [B, Hq, M, Dv] as a transpose of a [B, M, Hq, Dv] tensor, m, log_l [B, Hq, M] fp32).
+
+    block_layout: None or an int8 block summary [B|1, Hq|1, cdiv(M, 128), cdiv(N, 128)]
+    (block_sparse.EMPTY blocks are not computed: their scores are -inf).
+    """
     b, hq, m_len, d = q.shape
     n_len, dv = k.shape[2], v.shape[3]
     out = torch.empty((b, m_len, hq, dv), dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -92,34 +163,44 @@ def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group
     mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
     options = _options(q, k, v, bias, mask, causal, dropout, False)
     kernel = render.kernel("fwd", options)
+    _check_blocks("fwd", kernel)
     seed_t = _seed_tensor(seed, q.device) if dropout else None
+    lists, sparse = _sparse(bias, mask, block_layout, mask_value, causal, m_len, n_len)
+    kv_lists, *kv_list_args = _list_args(None if lists is None else lists.kv)
 
     def grid(meta):
         return (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq)
 
     with _device_guard(q):
-        kernel[grid](
-            q, k, v, bias, mask, seed_t, out, m_stat, log_l,
+        _launch(
+            "fwd", kernel, grid,
+            q, k, v, bias, mask, seed_t, out, m_stat, log_l, kv_lists,
             *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask), *out.stride(),
-            hq, group, m_len, n_len, _bucket(m_len), _bucket(n_len),
-            qk_scale, mask_value, float(dropout_p), dropout_scale,
+            *kv_list_args[:3],
+            hq, group, m_len, n_len, kv_list_args[3], _bucket(m_len), _bucket(n_len),
+            qk_scale, mask_value, philox.threshold(dropout_p) if dropout else 0, dropout_scale,
             HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
             IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
-            LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"],
+            LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse,
         )
     return out, m_stat, log_l
 
 
-def _dbias_buffer(bias: Tensor, full_shape):
-    """(buffer, atomic, row_bcast): fp32 zeros for atomics when bias broadcasts, else bias's dtype."""
+def _dbias_buffer(bias: Tensor, full_shape, skips: bool):
+    """(buffer, atomic, row_bcast): fp32 zeros for atomics when bias broadcasts, else bias's dtype.
+
+    skips: the kernels leave some tiles unvisited (causal, block-sparse): their dBias is 0.
+    """
     broadcast = any(bias.shape[i] == 1 and full_shape[i] != 1 for i in range(3))
     if not broadcast:
-        return torch.empty(bias.shape, dtype=bias.dtype, device=bias.device), False, False
+        alloc = torch.zeros if skips else torch.empty
+        return alloc(bias.shape, dtype=bias.dtype, device=bias.device), False, False
     row_bcast = bias.shape[2] == 1 and full_shape[2] != 1
     return torch.zeros(bias.shape, dtype=torch.float32, device=bias.device), True, row_bcast
 
 
-def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, group, mask_value, needs_dbias):
+def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, group, mask_value, needs_dbias,
+                       block_layout=None):
     """-> (dq, dk, dv, dbias or None) with the shapes and dtypes of q, k, v, bias."""
     b, hq, m_len, d = q.shape
     hkv, n_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -139,8 +220,11 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     m = m.contiguous()  # the forward's own [B, Hq, M] outputs: already contiguous, no copy
     log_l = log_l.contiguous()
     delta = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
+    lists, sparse = _sparse(bias, mask, block_layout, mask_value, causal, m_len, n_len)
+    kv_lists, *kv_list_args = _list_args(None if lists is None else lists.kv)
+    q_lists, *q_list_args = _list_args(None if lists is None else lists.q)
     if needs_dbias:
-        dbias_buf, dbias_atomic, bias_row_bcast = _dbias_buffer(bias, (b, hq, m_len, n_len))
+        dbias_buf, dbias_atomic, bias_row_bcast = _dbias_buffer(bias, (b, hq, m_len, n_len), bool(causal) or lists is not None)
         db_strides = _bcast_strides(dbias_buf)
     else:
         dbias_buf, dbias_atomic, bias_row_bcast = None, False, False
@@ -148,29 +232,36 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     common = dict(
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
         IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
-        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"],
+        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse,
     )
+    dropout_t = philox.threshold(dropout_p) if dropout else 0
+    k_dkdv, k_dq = render.kernel("bwd_dkdv", options), render.kernel("bwd_dq", options)
+    _check_blocks("bwd_dkdv", k_dkdv)
+    _check_blocks("bwd_dq", k_dq)
 
     with _device_guard(q):
-        render.kernel("bwd_preprocess", options)[lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq)](
+        _launch(
+            "bwd_preprocess", render.kernel("bwd_preprocess", options), lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq),
             out, dout, delta, *out.stride(), *dout.stride(), hq, m_len, _bucket(m_len),
             HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"],
         )
-        render.kernel("bwd_dkdv", options)[lambda meta: (triton.cdiv(n_len, meta["BLOCK_N"]), b * hkv)](
-            q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf,
+        _launch(
+            "bwd_dkdv", k_dkdv, lambda meta: (triton.cdiv(n_len, meta["BLOCK_N"]), b * hkv),
+            q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf, q_lists,
             *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask),
-            *dout.stride(), *dk.stride(), *dv.stride(), *db_strides,
-            hq, hkv, group, m_len, n_len, _bucket(m_len), _bucket(n_len),
-            qk_scale, float(scale), mask_value, float(dropout_p), dropout_scale,
+            *dout.stride(), *dk.stride(), *dv.stride(), *db_strides, *q_list_args[:3],
+            hq, hkv, group, m_len, n_len, q_list_args[3], _bucket(m_len), _bucket(n_len),
+            qk_scale, float(scale), mask_value, dropout_t, dropout_scale,
             BIAS_GRAD=needs_dbias, DBIAS_ATOMIC=dbias_atomic, BIAS_ROW_BCAST=bias_row_bcast,
             **common,
         )
-        render.kernel("bwd_dq", options)[lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq)](
-            q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq,
+        _launch(
+            "bwd_dq", k_dq, lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq),
+            q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists,
             *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask),
-            *dout.stride(), *dq.stride(),
-            hq, group, m_len, n_len, _bucket(m_len), _bucket(n_len),
-            qk_scale, float(scale), mask_value, float(dropout_p), dropout_scale,
+            *dout.stride(), *dq.stride(), *kv_list_args[:3],
+            hq, group, m_len, n_len, kv_list_args[3], _bucket(m_len), _bucket(n_len),
+            qk_scale, float(scale), mask_value, dropout_t, dropout_scale,
             **common,
         )
 

@@ -27,6 +27,7 @@ _PURE_METHODS = {
     "logical_and", "logical_or", "__and__", "__or__", "bitwise_and", "bitwise_or", "half", "bfloat16", "permute", "where",
     "pow", "__pow__", "rsqrt", "exp", "log", "abs", "clamp", "neg", "__neg__",
 }
+_FACTORIES.add(torch._refs.tensor)  # what Dynamo writes for torch.tensor(x) under dynamic shapes
 _MAX_ELEMENTS = 1 << 22
 _MAX_DEPTH = 24
 
@@ -99,7 +100,12 @@ def is_causal_mask(cond: fx.Node, keep: bool, scores_shape: tuple) -> bool:
     """True when `cond` (a keep mask if `keep`, else a drop mask) is exactly the top-left causal mask.
 
     Leading dims may have any size (HF expands its mask over the batch): every slice must match.
+    Masks too large to fold (N = 16K is 268M elements) are proven from their structure instead.
     """
+    from flashfuse.passes import causal
+
+    if causal.is_causal(cond, keep, scores_shape):
+        return True
     value = _folded_scores_term(cond, scores_shape)
     if value is None or value.dtype != torch.bool:
         return False
@@ -112,6 +118,10 @@ def additive_causal_fill(bias: fx.Node, scores_shape: tuple) -> Optional[float]:
 
     F is -inf for `full(-inf).triu(1)`, or finite for HF's `where(kv <= q, 0, finfo.min)`.
     """
+    from flashfuse.passes import causal
+
+    if causal.is_additive_causal(bias, scores_shape):
+        return float("-inf")
     value = _folded_scores_term(bias, scores_shape)
     if value is None or not value.is_floating_point():
         return None
@@ -157,6 +167,11 @@ def symbolic_scalar(node: Any) -> Optional[float]:
     the backend to restart the analysis, which then sees the constant.
     """
     value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and node.op == "call_function" and node.args:
+        # torch.tensor(x) of such a number (Dynamo may write torch._refs.tensor)
+        if getattr(node.target, "__name__", None) in ("tensor", "scalar_tensor", "as_tensor") and isinstance(node.args[0], fx.Node):
+            return symbolic_scalar(node.args[0])
+        return None
     if not isinstance(value, (torch.SymFloat, torch.SymInt)):
         return None
     try:

@@ -51,7 +51,8 @@ class Region:
 
     q, k and v are nodes; where the user's layout is not the op's [.., L, D], `q_dims`,
     `k_dims` and `v_dims` are the permutations that view them that way (K stored as K^T has
-    k_dims swapping the last two dims), and `out_dims` permutes the op's output back.
+    k_dims swapping the last two dims), and `out_dims` permutes the op's output back. 3-D
+    tensors [G, L, D] are the op's [1, G, L, D], or [B, H, L, D] with `split` = (B, H).
     """
 
     softmax: fx.Node
@@ -74,6 +75,7 @@ class Region:
     k_dims: Optional[tuple] = None
     v_dims: Optional[tuple] = None
     out_dims: Optional[tuple] = None
+    split: Optional[tuple] = None  # (B, H): 3-D [B*H, L, D] tensors are viewed as [B, H, L, D]
 
 
 def _shape(node) -> tuple:
@@ -127,10 +129,21 @@ def _walk_probs(softmax: fx.Node):
                 dropout_p = float(p)
             chain.append(user)
             node = user
+        elif _head_view_round_trip(user, node):  # XGLM-style probs.view(b, h, m, n).view(b * h, m, n)
+            back = next(iter(user.users))
+            chain += [user, back]
+            node = back
         elif name in PV_OPS:
             return user, node, dropout_p, chain
         else:
             raise Refused("no_pv_matmul", f"the probabilities flow into {user.name} ({user.target}), not a P V matmul")
+
+
+def _head_view_round_trip(user: fx.Node, node: fx.Node) -> bool:
+    if user.args[0] is not node or scores.head_view_source(user) is None or not single_user(user):
+        return False
+    back = next(iter(user.users))
+    return scores.head_view_source(back) is not None and back.args[0] is user and _shape(back) == _shape(node)
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,21 +165,22 @@ def analyze(softmax: fx.Node) -> Region:
     scores_shape = _shape(x)
     if nd not in (3, 4):
         raise Refused("unsupported_rank", f"scores are {nd}-D; only 3-D and 4-D attention is fused")
-    qk, steps = scores.walk(softmax, x, scores_shape)
+    qk, steps, qk_shape = scores.walk(softmax, x, scores_shape)
     require_meta(qk, pv)
-    if _shape(qk) != scores_shape:
+    if _shape(qk) != qk_shape:
         raise Refused("mask_broadcast", "the scores change shape between Q K^T and softmax")
     operands = forms.qk_operands(qk)
     ts = [scores.Term("scale", value=operands.alpha)]
     if operands.beta_input is not None:
         inp, beta = operands.beta_input
-        bias = scores.bias_term(inp, beta, scores_shape, qk.name)
+        bias = scores.bias_term(inp, beta, qk_shape, qk.name)
         ts += [bias] if bias is not None else []
-    ts += scores.terms(steps, scores_shape)
+    ts += scores.terms(steps)
     algebra = scores.apply(ts)
     v, out_dims, pv_form = forms.pv_operands(pv, probs, operands)
     require_meta(operands.q.node, operands.k.node, v.node)
-    return _build_region(softmax, sm_dtype, qk, pv, operands, v, out_dims, algebra, dropout_p, steps, post_chain, pv_form)
+    split = scores.head_split(steps)
+    return _build_region(softmax, sm_dtype, qk, pv, operands, v, out_dims, algebra, dropout_p, steps, post_chain, pv_form, split)
 
 
 def _fold_factors(q: Operand, k: Operand, algebra):
@@ -185,18 +199,26 @@ def _fold_factors(q: Operand, k: Operand, algebra):
     return q, k, folded
 
 
-def _gqa(q: Operand, k: Operand, v: Operand, nd: int):
+def _op_shape(shape: tuple, split: Optional[tuple]) -> tuple:
+    """A q/k/v shape as the op sees it: [B, H, L, D]. 3-D [G, L, D] is [1, G, L, D], or
+    [B, H, L, D] when the scores were viewed with that head split."""
+    if len(shape) == 4:
+        return tuple(shape)
+    if split is not None:
+        if shape[0] != split[0] * split[1]:
+            raise Refused("kv_broadcast", f"a 3-D operand {list(shape)} does not match the head split {list(split)}")
+        return tuple(split) + tuple(shape[1:])
+    return (1,) + tuple(shape)
+
+
+def _gqa(q: Operand, k: Operand, v: Operand, split: Optional[tuple]):
     """(k, v, group): K/V repeated per kv head are read unrepeated, as a GQA group."""
-    qs, ks, vs = q.shape, k.shape, v.shape
-    if nd == 3:
-        if ks[:-2] != qs[:-2] or vs[:-2] != qs[:-2]:
-            raise Refused("kv_broadcast", "3-D k/v batch dims do not match q")
-        return k, v, 1
+    qs, ks, vs = (_op_shape(o.shape, split) for o in (q, k, v))
     if ks[:-2] != qs[:-2] or vs[:-2] != qs[:-2]:
-        if ks[0] == qs[0] and vs[:-2] == ks[:-2] and ks[1] == 1:
+        if len(k.shape) == len(v.shape) == 4 and ks[0] == qs[0] and vs[:-2] == ks[:-2] and ks[1] == 1:
             return k, v, qs[1]  # MQA through broadcasting over a head dim of 1
         raise Refused("kv_broadcast", f"k/v batch dims {list(ks[:-2])}/{list(vs[:-2])} do not match q {list(qs[:-2])}")
-    if k.dims is None and v.dims is None:
+    if len(k.shape) == len(v.shape) == 4 and k.dims is None and v.dims is None:
         k_src, gk = forms.unrepeat(k.node)
         v_src, gv = forms.unrepeat(v.node)
         if gk == gv and gk > 1:
@@ -204,12 +226,13 @@ def _gqa(q: Operand, k: Operand, v: Operand, nd: int):
     return k, v, 1
 
 
-def _build_region(softmax, sm_dtype, qk, pv, operands, v, out_dims, algebra, dropout_p, steps, post_chain, pv_form) -> Region:
+def _build_region(softmax, sm_dtype, qk, pv, operands, v, out_dims, algebra, dropout_p, steps, post_chain, pv_form, split) -> Region:
     q, k, folded = _fold_factors(operands.q, operands.k, algebra)
-    qs, ks, vs = q.shape, k.shape, v.shape
-    nd = len(qs)
-    if len(ks) != nd or len(vs) != nd:
-        raise Refused("unsupported_rank", f"q, k, v ranks differ: {len(qs)}, {len(ks)}, {len(vs)}")
+    ranks = {len(q.shape), len(k.shape), len(v.shape)}
+    if not ranks <= {3, 4} or (len(ranks) > 1 and split is None):
+        raise Refused("unsupported_rank", f"q, k, v ranks differ: {len(q.shape)}, {len(k.shape)}, {len(v.shape)}")
+    nd = len(q.shape)
+    qs, ks, vs = (_op_shape(o.shape, split) for o in (q, k, v))
     dtypes = {q.dtype, k.dtype, v.dtype, _dtype_of(pv)}
     if len(dtypes) != 1:
         raise Refused("unsupported_dtype", f"q, k, v and output dtypes differ: {sorted(map(str, dtypes))}")
@@ -218,14 +241,15 @@ def _build_region(softmax, sm_dtype, qk, pv, operands, v, out_dims, algebra, dro
         raise Refused("unsupported_dtype", f"dtype {dtype} is not fp16, bf16 or fp32")
     if ks[-1] != qs[-1] or vs[-2] != ks[-2]:
         raise Refused("unsupported_op", "q/k head dims or k/v lengths differ")
-    if qs[:-2] != _shape(qk)[:-2]:
+    if q.shape[:-2] != _shape(qk)[:-2]:
         raise Refused("kv_broadcast", "q is broadcast by the matmul")
-    k, v, group = _gqa(q, k, v, nd)
+    k, v, group = _gqa(q, k, v, split)
     mask_value = algebra.masks[0][2] if algebra.masks else NEG_INF
     sm = sm_dtype if isinstance(sm_dtype, torch.dtype) else _dtype_of(softmax.args[0] if softmax.args else None)
-    to4 = (lambda s: (1,) + tuple(s)) if nd == 3 else (lambda s: tuple(s))
+    to4 = lambda shape: _op_shape(shape, split)  # noqa: E731
     bias_rg = any(bool(getattr(val(b), "requires_grad", False)) for b, _ in algebra.biases)
-    k_form = "transpose" if k.dims is None else ("stored_transposed" if k.dims == tuple(range(nd - 2)) + (nd - 1, nd - 2) else "permuted")
+    kd = len(k.shape)
+    k_form = "transpose" if k.dims is None else ("stored_transposed" if k.dims == tuple(range(kd - 2)) + (kd - 1, kd - 2) else "permuted")
     spec = AttentionSpec(
         scale=algebra.scale,
         causal=algebra.causal,
@@ -267,6 +291,7 @@ def _build_region(softmax, sm_dtype, qk, pv, operands, v, out_dims, algebra, dro
         k_dims=k.dims,
         v_dims=v.dims,
         out_dims=out_dims,
+        split=split,
     )
 
 
@@ -298,4 +323,6 @@ def _near_matmul(softmax: fx.Node, depth: int = 6) -> bool:
                 return True
         return False
 
-    return reaches(softmax, lambda n: n.all_input_nodes, QK_OPS) and reaches(softmax, lambda n: list(n.users), PV_OPS)
+    x = softmax.args[0] if softmax.args else None
+    behind = scores.leads_to_qk(x) or reaches(softmax, lambda n: n.all_input_nodes, QK_OPS)
+    return behind and reaches(softmax, lambda n: list(n.users), PV_OPS)

@@ -55,29 +55,30 @@ def _negate(graph, fake_mode, like, m: fx.Node) -> fx.Node:
 def rewrite_region(gm: fx.GraphModule, region: Region, kernel: str, fake_mode) -> fx.Node:
     graph = gm.graph
     like = region.softmax
-    lift = 1 if region.layout == "3d" else 0
     with graph.inserting_before(region.pv):
-        def rank4(n):
-            return _to4(graph, fake_mode, like, n) if lift else n
+        def op_space(n: fx.Node) -> fx.Node:
+            # [B*H, L, X] -> [B, H, L, X] under a head split (see detect.Region); otherwise
+            # left-pad with size-1 dims exactly as broadcasting against the scores would.
+            shape = tuple(val(n).shape)
+            split = region.split
+            if split is not None and len(shape) == 3 and shape[0] == split[0] * split[1] != 1:
+                return _call(graph, fake_mode, like, "reshape", n, *split, *shape[1:], method=True)
+            return _to4(graph, fake_mode, like, n)
 
-        def view(n, dims):  # the user's layout viewed as the op's [.., L, D]: a view, no copy
-            return rank4(_permute(graph, fake_mode, like, n, dims))
+        def view(n, dims):  # the user's layout viewed as the op's [B, H, L, D]: a view, no copy
+            return op_space(_permute(graph, fake_mode, like, n, dims))
 
         q, k, v = view(region.q, region.q_dims), view(region.k, region.k_dims), view(region.v, region.v_dims)
 
         bias = None
         for b, coeff in region.biases:
-            term = b if coeff == 1.0 else _call(graph, fake_mode, like, operator.mul, b, coeff)
+            term = op_space(b if coeff == 1.0 else _call(graph, fake_mode, like, operator.mul, b, coeff))
             bias = term if bias is None else _call(graph, fake_mode, like, operator.add, bias, term)
-        if bias is not None:
-            bias = _to4(graph, fake_mode, like, bias)
 
         mask = None
         for m, keep in region.masks:
-            term = m if keep else _negate(graph, fake_mode, like, m)
+            term = op_space(m if keep else _negate(graph, fake_mode, like, m))
             mask = term if mask is None else _call(graph, fake_mode, like, operator.and_, mask, term)
-        if mask is not None:
-            mask = _to4(graph, fake_mode, like, mask)
 
         seed = None
         if region.dropout_p > 0:
@@ -94,8 +95,15 @@ def rewrite_region(gm: fx.GraphModule, region: Region, kernel: str, fake_mode) -
         )
         op.meta["flashfuse_spec"] = spec
         out = _call(graph, fake_mode, like, operator.getitem, op, 0, name="ff_out")
-        if lift:
-            out = _call(graph, fake_mode, like, "squeeze", out, 0, method=True)
+        pv_shape = list(val(region.pv).shape)
+        if region.out_dims:  # the op's output is the einsum's output before its permutation
+            for p, c in enumerate(region.out_dims):
+                pv_shape[c] = val(region.pv).shape[p]
+        if len(pv_shape) == 3:  # back to the user's [G, M, Dv]
+            if region.split is not None:
+                out = _call(graph, fake_mode, like, "reshape", out, *pv_shape, method=True)
+            else:
+                out = _call(graph, fake_mode, like, "squeeze", out, 0, method=True)
         if region.out_dims:  # einsum asked for another output layout
             out = _permute(graph, fake_mode, like, out, region.out_dims)
     region.pv.replace_all_uses_with(out)

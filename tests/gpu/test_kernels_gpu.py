@@ -23,6 +23,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from flashfuse import mask_patterns as mp  # noqa: E402
+from flashfuse.block_sparse_api import layout_summary  # noqa: E402
 from flashfuse.kernels import configs, philox, render, triton_attention  # noqa: E402
 
 try:
@@ -50,7 +52,10 @@ def rel_err(x, ref):
 
 
 def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias_shape=None, mask_shape=None,
-             mask_value=float("-inf"), dropout_p=0.0, layout="contiguous", backward=True):
+             mask_value=float("-inf"), dropout_p=0.0, layout="contiguous", backward=True, mask=None, block_layout=None,
+             dense=None):
+    """mask: a given keep-mask instead of a random one of mask_shape; block_layout: the op's int8
+    block summary, with dense its element mask for the oracle."""
     gen = torch.Generator(device=DEV).manual_seed(1000 * d + n + m)
     hkv = hq // group
 
@@ -62,8 +67,9 @@ def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias
     else:
         q, k, v = randn(b, hq, m, d), randn(b, hkv, n, d), randn(b, hkv, n, d)
     bias = randn(*bias_shape) if bias_shape is not None else None
-    mask = None
-    if mask_shape is not None:
+    if mask is not None:
+        mask = mask.to(DEV)
+    elif mask_shape is not None:
         mask = torch.rand(*mask_shape, generator=gen, device=DEV) > 0.2
         mask[..., 0] = True
         if mask_value != float("-inf") and mask_shape[-2] > 1:
@@ -71,12 +77,13 @@ def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias
     seed = torch.tensor([424242], dtype=torch.int64, device=DEV)
     scale = d ** -0.5
 
-    out, m_stat, log_l = triton_attention.attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value)
+    out, m_stat, log_l = triton_attention.attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value, block_layout)
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     qr, kr, vr = (t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v))
     br = bias.detach().to(ref_dtype).requires_grad_() if bias is not None else None
     keep = philox.keep_mask(424242, dropout_p, b, hq, m, n, device=DEV) if dropout_p > 0 else None
-    ref, lse = oracle.attention(qr, kr, vr, br, mask, scale, causal, dropout_p, 424242, group, mask_value, keep=keep)
+    omask = mask if dense is None else (dense.to(DEV) if mask is None else mask & dense.to(DEV))
+    ref, lse = oracle.attention(qr, kr, vr, br, omask, scale, causal, dropout_p, 424242, group, mask_value, keep=keep)
     tol = TOL[dtype]
     assert rel_err(out, ref) < tol, ("out", rel_err(out, ref))
     assert rel_err(m_stat.to(ref_dtype) + log_l.to(ref_dtype), lse) < 1e-5
@@ -85,7 +92,8 @@ def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias
     dout = randn(*out.shape)
     ref.backward(dout.to(ref_dtype))
     dq, dk, dv, dbias = triton_attention.attention_backward(
-        dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, bias is not None
+        dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, bias is not None,
+        block_layout,
     )
     for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
         assert rel_err(got, want) < tol, (name, rel_err(got, want))
@@ -133,18 +141,76 @@ def test_dropout_exact_mask_gqa_fp16():
     run_case(torch.float16, hq=8, group=4, m=512, n=1000, d=128, dropout_p=0.3, mask_shape=(2, 8, 512, 1000))
 
 
+# -- block sparsity found from the mask, and an explicit layout, at N=4096 ----------------------------
+
+SPARSE_PATTERNS = {
+    "sliding_window-causal": (lambda: mp.sliding_window(4096, 4096, window=512), True),
+    "document-causal": (lambda: mp.document([1000, 2000, 1096]), True),
+    "prefix_lm": (lambda: mp.prefix_lm(4096, 4096, prefix=1000), False),
+    "dilated": (lambda: mp.dilated(4096, 4096, stride=3), False),
+    "random_blocks": (lambda: mp.random_blocks(4096, 4096, 128, 128, density=0.3, seed=1), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_PATTERNS))
+def test_block_sparse_patterns_bf16(name):
+    make, causal = SPARSE_PATTERNS[name]
+    run_case(torch.bfloat16, b=1, hq=4, m=4096, n=4096, d=64, causal=causal, mask=make()[None, None])
+
+
+def test_block_sparse_padding_bf16():
+    run_case(torch.bfloat16, b=2, hq=4, m=4096, n=4096, d=64, mask=mp.padding([4096, 2500], 4096))
+
+
+def test_block_sparse_ragged_document_bias_gqa_bf16():
+    # 0 / -inf document bias with grad (EMPTY / FULL tiles, dBias zero on skipped ones), ragged N
+    bias = torch.where(mp.document([1000, 1500, 1500]), 0.0, float("-inf"))[None, None].repeat(1, 8, 1, 1)
+    gen = torch.Generator().manual_seed(3)
+    bias[..., :1000, :1000] += 0.1 * torch.randn(1, 8, 1000, 1000, generator=gen)
+    _run_bias_case(bias.to(DEV).to(torch.bfloat16))
+
+
+def _run_bias_case(bias):
+    """Causal GQA (group 2), D=128, a bias that requires grad; bf16 against the fp32 oracle."""
+    b, hq, m, n = bias.shape
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    q = torch.randn(b, hq, m, 128, generator=gen, device=DEV).to(torch.bfloat16)
+    k, v = (torch.randn(b, hq // 2, n, 128, generator=gen, device=DEV).to(torch.bfloat16) for _ in range(2))
+    scale = 128 ** -0.5
+    args = (scale, True, 0.0, None, 2, float("-inf"))
+    out, m_stat, log_l = triton_attention.attention_forward(q, k, v, bias, None, *args)
+    qr, kr, vr, br = (t.detach().float().requires_grad_() for t in (q, k, v, bias))
+    ref, _ = oracle.attention(qr, kr, vr, br, None, scale, True, gqa_group=2)
+    assert rel_err(out, ref) < 1e-2
+    dout = torch.randn(out.shape, generator=gen, device=DEV).to(torch.bfloat16)
+    ref.backward(dout.float())
+    grads = triton_attention.attention_backward(dout, q, k, v, bias, None, out, m_stat, log_l, *args, True)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, (qr.grad, kr.grad, vr.grad, br.grad)):
+        assert rel_err(got, want) < 1e-2, (name, rel_err(got, want))
+
+
+def test_block_sparse_explicit_layout_gqa_bf16():
+    gen = torch.Generator().manual_seed(5)
+    layout = torch.rand(8, 32, 32, generator=gen) < 0.25
+    layout[:, torch.arange(32), torch.arange(32)] = True
+    dense = layout.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :4096, :4096][None]
+    run_case(torch.bfloat16, b=1, hq=8, group=2, m=4096, n=4096, d=64, dropout_p=0.1,
+             block_layout=layout_summary(layout.to(DEV), 1, 8, 4096, 4096), dense=dense)
+
+
 # -- Philox bit-exactness at size ---------------------------------------------------------------
 
 _COMMON = render.load_module("fwd", render.template_options(torch.bfloat16, 64, False, False, False, True, False))
 
 
 @triton.jit
-def _keep_mask_kernel(Seed, Out, dropout_p, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keep_mask_kernel(Seed, Out, dropout_t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = tl.program_id(1) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
     seed_lo, seed_hi = _COMMON._seed_words(Seed)
-    keep = _COMMON._dropout_keep(seed_lo, seed_hi, bh, rows[:, None], cols[None, :], dropout_p)
+    keep = _COMMON._dropout_keep(seed_lo, seed_hi, bh, rows, start_n, dropout_t, BLOCK_N)
     offs = bh.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
     tl.store(Out + offs, keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -154,11 +220,11 @@ def test_philox_bit_exact_large(seed):
     b, h, m, n, p = 2, 8, 1000, 1000, 0.3
     out = torch.full((b, h, m, n), -1, dtype=torch.int8, device=DEV)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=DEV)
-    _keep_mask_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 64), b * h)](seed_t, out, p, m, n, BLOCK_M=64, BLOCK_N=64)
+    _keep_mask_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 64), b * h)](seed_t, out, philox.threshold(p), m, n, BLOCK_M=64, BLOCK_N=64)
     want = philox.keep_mask(seed, p, b, h, m, n, device=DEV)
     assert torch.equal(out.bool(), want) and (out >= 0).all()
     rate = want.double().mean().item()
-    assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / want.numel()) ** 0.5
+    assert abs(rate - philox.keep_probability(p)) < 4 * (p * (1 - p) / want.numel()) ** 0.5
 
 
 # -- every forward config of one shape (opt-in: compiles each) --------------------------------------
@@ -181,11 +247,11 @@ def test_fwd_config_sweep(cfg):
     meta = {key: val for key, val in cfg.items() if key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), b * h)
     heuristics[grid](
-        q, k, v, None, None, None, out, m_stat, log_l,
-        *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, 0, 0, 0, 0, 0, *out.stride(),
-        h, 1, m, n, 1024, 1024, d ** -0.5 * 1.4426950408889634, float("-inf"), 0.0, 1.0,
+        q, k, v, None, None, None, out, m_stat, log_l, None,
+        *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, 0, 0, 0, 0, 0, *out.stride(), 0, 0, 0,
+        h, 1, m, n, 0, 1024, 1024, d ** -0.5 * 1.4426950408889634, float("-inf"), 0, 1.0,
         HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=d, BLOCK_DV=d, IS_CAUSAL=True, HAS_BIAS=False, HAS_MASK=False,
-        DROPOUT=False, LOG2_DOMAIN=True, DOT_PRECISION="tf32", **meta,
+        DROPOUT=False, LOG2_DOMAIN=True, DOT_PRECISION="tf32", HAS_SPARSE=False, SPARSE_BLOCK=128, **meta,
     )
     ref, _ = oracle.attention(q.float(), k.float(), v.float(), scale=d ** -0.5, causal=True)
     assert rel_err(out, ref) < 1e-2
