@@ -296,3 +296,15 @@ def test_kernel_lists_structure():
     assert q[:, :2].tolist() == [[1, 0], [0, 0], [0, 0]]  # column 0: row 1; rows 2 is ragged (tail)
     # cached while the mask is unchanged
     assert bs.kernel_lists(None, keep, None, 128, 300, 300, causal=True, finite_fill=False) is lists
+
+
+def test_cache_hits_for_fresh_views_of_one_mask():
+    # The rewrite (and users) pass `keep[None, None]`: a new view object each call, same memory.
+    bs.cache.clear()
+    keep = mp.causal(64, 64)
+    bs.cache.get(keep[None, None], BM, BN)
+    bs.cache.get(keep[None, None], BM, BN)
+    assert (bs.cache.hits, bs.cache.misses) == (1, 1)
+    keep[0, 1] = True  # the base changes: every view's version counter moves with it
+    bs.cache.get(keep[None, None], BM, BN)
+    assert bs.cache.misses == 2

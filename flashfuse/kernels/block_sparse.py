@@ -157,20 +157,22 @@ class _Cache:
 
     @staticmethod
     def _key(t: Tensor, block_m: int, block_n: int):
-        return (id(t), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version, block_m, block_n)
+        # Keyed on the tensor that owns the memory: a fresh view of one mask (`keep[None, None]`,
+        # the rewrite's unsqueeze) hits. Views share their base's version counter.
+        return (id(_owner(t)), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version, block_m, block_n)
 
     def get(self, t: Tensor, block_m: int, block_n: int) -> Tensor:
         if _capturing():
             return summarize(t, block_m, block_n)
         key = self._key(t, block_m, block_n)
         hit = self.entries.get(key)
-        if hit is not None and hit[0]() is t:
+        if hit is not None and hit[0]() is _owner(t):
             self.entries.move_to_end(key)
             self.hits += 1
             return hit[1]
         self.misses += 1
         summary = summarize(t, block_m, block_n)
-        self.entries[key] = (weakref.ref(t), summary)
+        self.entries[key] = (weakref.ref(_owner(t)), summary)
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return summary
@@ -178,6 +180,10 @@ class _Cache:
     def clear(self) -> None:
         self.entries.clear()
         self.hits = self.misses = 0
+
+
+def _owner(t: Tensor) -> Tensor:
+    return t if t._base is None else t._base
 
 
 def _capturing() -> bool:
@@ -279,11 +285,11 @@ class _ListCache:
             return build()
         key = tuple(None if t is None else _Cache._key(t, 0, 0) for t in tensors) + tuple(extra)
         hit = self.entries.get(key)
-        if hit is not None and all((ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(hit[0], tensors)):
+        if hit is not None and all((ref is None and t is None) or (ref is not None and ref() is _owner(t)) for ref, t in zip(hit[0], tensors)):
             self.entries.move_to_end(key)
             return hit[1]
         value = build()
-        self.entries[key] = (tuple(None if t is None else weakref.ref(t) for t in tensors), value)
+        self.entries[key] = (tuple(None if t is None else weakref.ref(_owner(t)) for t in tensors), value)
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return value
