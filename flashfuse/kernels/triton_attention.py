@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 import triton
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.errors import OutOfResources
 
 from flashfuse.kernels import block_sparse, configs, philox, render
@@ -111,16 +112,43 @@ def _check_blocks(kind: str, kernel) -> None:
     _checked.add(id(kernel))
 
 
+# (kernel, autotune key) -> the config the autotuner chose: later launches skip Triton's
+# Autotuner.run, whose per-call bookkeeping is quadratic in the argument count.
+# NB: on an H200 (triton 3.6) one launch through the autotuner cost ~200 us of host time
+# (benchmarks/launch_overhead.py: forward launcher 207 us, backward with three launches 503 us),
+# which left GPT-2 small host-bound (flashfuse 48 ms/step vs 33 ms for Inductor alone).
+_chosen: dict = {}
+_key_index: dict = {}
+
+
+def _tune_key(kernel, args, kwargs) -> tuple:
+    index = _key_index.get(id(kernel))
+    if index is None:
+        names = kernel.arg_names
+        index = _key_index[id(kernel)] = tuple((k, names.index(k) if k in names and names.index(k) < len(args) else None) for k in kernel.keys)
+    key = tuple(args[i] if i is not None else kwargs.get(k) for k, i in index)
+    return (id(kernel), key, tuple(str(a.dtype) for a in args if isinstance(a, Tensor)))
+
+
 def _launch(kind: str, kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs); a config that runs out of resources is dropped and the next one runs.
 
     The ban is kept per kernel variant (configs.variant_key) for the process; the autotuner's
     cached choices of that config are forgotten, so the next launch prunes again without it.
+    Once the autotuner has chosen for a key, later launches go straight to the chosen config.
     """
+    tuned = isinstance(kernel, Autotuner)
+    key = _tune_key(kernel, args, kwargs) if tuned else None
+    config = _chosen.get(key) if tuned else None
+    if config is not None:
+        return kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
     tried = set()
     while True:
         try:
-            return kernel[grid](*args, **kwargs)
+            ret = kernel[grid](*args, **kwargs)
+            if tuned and getattr(kernel, "best_config", None) is not None and kernel.best_config.pre_hook is None:
+                _chosen[key] = kernel.best_config
+            return ret
         except OutOfResources:
             failed = getattr(kernel, "best_config", None)
             if failed is None or not hasattr(kernel, "configs") or id(failed) in tried:
@@ -130,8 +158,10 @@ def _launch(kind: str, kernel, grid, *args, **kwargs):
             if not configs.ban(kind, named, failed, kernel.configs):
                 raise
             cache = getattr(kernel, "cache", {})
-            for key in [key for key, cfg in cache.items() if cfg is failed]:
-                del cache[key]
+            for key_ in [key_ for key_, cfg in cache.items() if cfg is failed]:
+                del cache[key_]
+            for key_ in [key_ for key_, cfg in _chosen.items() if cfg is failed]:
+                del _chosen[key_]
 
 
 def _options(q, k, v, bias, mask, causal, dropout, needs_dbias):
