@@ -39,12 +39,6 @@ from flashfuse.explain import explain  # noqa: E402
 EXAMPLES = int(os.environ.get("FLASHFUSE_FUZZ_EXAMPLES", "300"))
 SEED = os.environ.get("FLASHFUSE_FUZZ_SEED")
 OPTIONS = {"kernel": "reference", "compiler": "eager"}
-# Known kernel bug (tests/test_semantics.py::test_dead_row_causal_and_mask_grads, strict xfail):
-# when a bool mask and the causal mask together remove every key of a row, eager's masked_fill
-# backward gives that row dS = 0, but the kernels zero dS only where the bool mask replaced a
-# score, not where the causal mask did, so dq and dk get NaN. Outputs still match; gradients
-# of such cases are skipped until the kernels zero dS at causal positions too.
-KNOWN_CAUSAL_DEAD_ROW_GRADS = True
 
 
 def _settings(n: int):
@@ -560,8 +554,6 @@ def check(c: Case):
         reference = _outputs(fn(*r_args))
     for i, (a, e, r) in enumerate(zip(actual, expected, reference)):
         _compare(a, e, r, c, f"output {i}", 1e-5, report)
-    if KNOWN_CAUSAL_DEAD_ROW_GRADS and c.causal != "none" and c.masks and c.fill == "-inf" and torch.isnan(expected[0]).any():
-        return report  # see KNOWN_CAUSAL_DEAD_ROW_GRADS
     g = torch.Generator().manual_seed(c.seed + 1)
     cot = [torch.randn(t.shape, generator=g) for t in expected if t.requires_grad]
     ge, ga = _grads(expected, e_args, cot), _grads(actual, c_args, cot)

@@ -369,3 +369,22 @@ def test_out_of_resources_falls_through_to_next_config(monkeypatch):
         assert (out == 32).all()
     assert calls == ["big"]
     configs._BANNED.clear()
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_dead_row_from_mask_and_causal_has_eager_grads(kernel):
+    # Row 0 keeps only key 0 under causal, and the mask drops key 0: the row is empty. Eager's
+    # masked_fill backward gives dS = 0 across it (dq row 0 = 0), and NaN reaches dv only.
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 17, 16, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    keep = torch.ones(1, 1, 1, 17, dtype=torch.bool)
+    keep[..., 0] = False
+    out, _, _ = torch.ops.flashfuse.attention(q, k, v, None, keep, 0.25, True, 0.0, None, 1, float("-inf"), True, kernel)
+    ref, _ = oracle.attention(*(t.double() for t in (q, k, v)), None, keep, 0.25, True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k), do)
+    want = torch.autograd.grad(ref, (q, k), do.double())
+    for g, w in zip(got, want):
+        assert not g.isnan().any()
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,9 @@ block_layout: None or an int8 block summary [B|1, Hq|1, cdiv(M, 128), cdiv(N, 12
 The Triton kernels skip those blocks; this kernel masks them.
 
 In the backward, dS is zero wherever the mask replaced a score (its fill value is a constant),
-so dq, dk and dbias get nothing from those positions even when the fill value is finite.
+so dq, dk and dbias get nothing from those positions even when the fill value is finite; with
+a mask, the causal positions are zeroed too, so a row that mask and causal leave empty gets
+eager's zero dS rather than NaN.
 The logsumexp stays an unevaluated sum because masks filled with finfo.min put m near
 -3.4e38, where one fp32 number cannot also hold log_l; the backward needs s - m exactly as the
 forward had it. A row whose every key is at -inf gives NaN, as eager softmax does.
@@ -231,6 +233,12 @@ def _backward_rows(dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal,
         if mask_b is not None:
             # The fill value is a constant: no gradient flows to the scores it replaced.
             ds = torch.where(mask_b, ds, torch.zeros_like(ds))
+            if causal:
+                # The causal -inf is a constant too: a row that mask and causal leave empty gets
+                # dS = 0 at every key (p is NaN there), as eager's masked_fill backward gives.
+                rows = torch.arange(row0, row0 + m, device=ds.device).view(m, 1)
+                keys = torch.arange(start, stop, device=ds.device).view(1, -1)
+                ds = ds.masked_fill(keys > rows, 0.0)
         dv[:, :, start:stop] += torch.matmul(p_drop.transpose(-2, -1), dog).sum(2)
         kb = k[:, :, None, start:stop].to(acc_dtype)
         dk[:, :, start:stop] += (torch.matmul(ds.transpose(-2, -1), qg) * scale).sum(2)

@@ -345,6 +345,11 @@ def mask_term(cond, keep: bool, fill: float, scores_shape: tuple) -> Term:
 # the algebra
 
 
+def _requires_grad(node) -> bool:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return bool(getattr(value, "requires_grad", False))
+
+
 @dataclasses.dataclass
 class Algebra:
     """The terms applied from the matmul outward, kept in the op's order."""
@@ -366,6 +371,10 @@ class Algebra:
     def add(self, node: fx.Node, coeff: float) -> None:
         if any(math.isfinite(f) for _, _, f in self.masks):
             raise Refused("bias_after_finite_fill", "an additive term follows a mask filled with a finite value; the fused op adds biases before masking")
+        if self.masks and _requires_grad(node):
+            # A row the mask empties: eager's add passes softmax's NaN gradient to the bias, the
+            # op (bias before mask) gives it 0 there. Without a trainable bias both orders agree.
+            raise Refused("bias_grad_after_mask", "a bias that requires grad follows a -inf mask; in a row the mask empties eager's bias gradient is NaN, the fused op's 0")
         self.biases.append((node, coeff))
 
     def mask(self, node: fx.Node, keep: bool, fill: float) -> None:
@@ -404,13 +413,18 @@ def apply(ts: list) -> Algebra:
 
 def _apply(ts: list, promote: bool) -> Algebra:
     a = Algebra()
+    # An additive causal term passes gradient where a masked_fill blocks it: in a row a -inf
+    # bool mask empties, eager then sends softmax's NaN gradient through the causal -inf,
+    # while the op's causal=True zeroes dS there. With such masks around it stays a -inf bias.
+    # (A finite fill never empties a row: nothing differs.)
+    bool_masks = any(t.kind == "mask" and not t.causal and t.fill == NEG_INF for t in ts)
     for t in ts:
         if t.kind == "scale":
             a.mul(t.value)
         elif t.kind == "bias":
             a.add(t.node, t.value)
         elif t.kind == "causal_bias":
-            if t.fill == NEG_INF or promote:
+            if (t.fill == NEG_INF or promote) and not bool_masks:
                 a.make_causal(t.fill)
             else:
                 a.add(t.node, t.value)
