@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,3 @@ class AttentionSpec:
             f"gqa_group={self.gqa_group} softmax_dtype={self.softmax_dtype} dtype={self.dtype} "
             f"q={list(self.q_shape)} k={list(self.k_shape)} v={list(self.v_shape)} layout={self.layout}"
         )
-
-
-def maybe_int(x) -> Optional[int]:
-    return x if isinstance(x, int) else None
