@@ -383,12 +383,7 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
             stage = "peak"
             row["peak_mb"], row["peak_delta_mb"] = common.peak_memory_mb(fwdbwd, o.device)
     except (Exception, CellTimeout) as e:  # noqa: BLE001  (every failure is a row)
-        hints = ""
-        if stage in ("build", "fwd"):
-            hints = "; ".join(sorted({str(w.message).splitlines()[0][:150] for w in caught if "kernel" in str(w.message).lower()}))
-        msg = describe_error(e, hints)
-        row["error"] = msg if stage in ("build", "fwd") or msg.startswith(("OOM", "timeout")) else f"{stage}: {msg}"
-        row["error_stage"] = stage
+        common.record_failure(row, e, stage, caught)
     finally:
         fn = out = None  # noqa: F841
         cleanup(o.device)

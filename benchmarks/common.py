@@ -208,6 +208,16 @@ def describe_error(exc: BaseException, extra: str = "") -> str:
     return out
 
 
+def record_failure(row: dict, exc: BaseException, stage: str, caught) -> None:
+    """Fill a cell's row with its error: every failure is a row. `caught`: warnings seen."""
+    hints = ""
+    if stage in ("build", "fwd"):
+        hints = "; ".join(sorted({str(w.message).splitlines()[0][:150] for w in caught if "kernel" in str(w.message).lower()}))
+    msg = describe_error(exc, hints)
+    row["error"] = msg if stage in ("build", "fwd") or msg.startswith(("OOM", "timeout")) else f"{stage}: {msg}"
+    row["error_stage"] = stage
+
+
 def error_kind(err: Optional[str]) -> str:
     """Short tag for tables."""
     if not err:
@@ -604,12 +614,7 @@ class Runner:
                     row["error"] = f"OOM: fwd+bwd not run, it ran out of memory at N={bwd_oom}"
                     row["error_stage"] = "fwdbwd"
         except (Exception, CellTimeout) as e:  # noqa: BLE001  (every failure is a row)
-            hints = ""
-            if stage in ("build", "fwd"):
-                hints = "; ".join(sorted({str(w.message).splitlines()[0][:150] for w in caught if "kernel" in str(w.message).lower()}))
-            msg = describe_error(e, hints)
-            row["error"] = msg if stage in ("build", "fwd") or msg.startswith(("OOM", "timeout")) else f"{stage}: {msg}"
-            row["error_stage"] = stage
+            record_failure(row, e, stage, caught)
         finally:
             fn = out = None  # noqa: F841
             cleanup(o.device)
