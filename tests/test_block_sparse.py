@@ -92,7 +92,8 @@ def test_lists_walk_only_nonempty_blocks():
     assert 0 < lists.density < 1
 
 
-def test_cache_hits_while_unchanged_and_misses_after_change():
+def test_cache_hits_while_unchanged_and_misses_after_change(monkeypatch):
+    monkeypatch.setenv(bs.CACHE_ENV, "1")
     bs.cache.clear()
     keep = mp.causal(64, 64)[None, None]
     bs.cache.get(keep, BM, BN)
@@ -282,7 +283,7 @@ def test_block_sparse_attention_rejects_bad_layouts():
         flashfuse.block_sparse_attention(q, k, v, torch.ones(2, 2), kernel="reference")
 
 
-def test_kernel_lists_structure():
+def test_kernel_lists_structure(monkeypatch):
     # causal sliding window over 3 x 3 sparse blocks (ragged last): the lists leave the diagonal
     # and ragged blocks to the kernels' tail and never list a block above the diagonal
     keep = mp.sliding_window(300, 300, window=100)[None, None]
@@ -294,12 +295,16 @@ def test_kernel_lists_structure():
     assert kv[:, 8:].tolist() == [[2, 0, 0], [2, 2, 0], [0, 2, 2]]  # statuses (above the diagonal EMPTY)
     q = lists.q[0, 0]
     assert q[:, :2].tolist() == [[1, 0], [0, 0], [0, 0]]  # column 0: row 1; rows 2 is ragged (tail)
-    # cached while the mask is unchanged
-    assert bs.kernel_lists(None, keep, None, 128, 300, 300, causal=True, finite_fill=False) is lists
+    # with the opt-in cache: reused while the mask is unchanged; without it: rebuilt each call
+    assert bs.kernel_lists(None, keep, None, 128, 300, 300, causal=True, finite_fill=False) is not lists
+    monkeypatch.setenv(bs.CACHE_ENV, "1")
+    cached = bs.kernel_lists(None, keep, None, 128, 300, 300, causal=True, finite_fill=False)
+    assert bs.kernel_lists(None, keep, None, 128, 300, 300, causal=True, finite_fill=False) is cached
 
 
-def test_cache_hits_for_fresh_views_of_one_mask():
+def test_cache_hits_for_fresh_views_of_one_mask(monkeypatch):
     # The rewrite (and users) pass `keep[None, None]`: a new view object each call, same memory.
+    monkeypatch.setenv(bs.CACHE_ENV, "1")
     bs.cache.clear()
     keep = mp.causal(64, 64)
     bs.cache.get(keep[None, None], BM, BN)
@@ -308,3 +313,16 @@ def test_cache_hits_for_fresh_views_of_one_mask():
     keep[0, 1] = True  # the base changes: every view's version counter moves with it
     bs.cache.get(keep[None, None], BM, BN)
     assert bs.cache.misses == 2
+
+
+def test_no_cache_by_default_so_unversioned_writes_are_seen(monkeypatch):
+    # Compiled graphs write buffers without moving version counters (Inductor reuses a dead
+    # mask's buffer for the next mask). `.data` writes do the same here: the summary must follow.
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    bs.cache.clear()
+    keep = mp.causal(64, 64)[None, None].clone()
+    first = bs.cache.get(keep, BM, BN)
+    keep.data.fill_(False)
+    second = bs.cache.get(keep, BM, BN)
+    assert bs.cache.hits == 0
+    assert (first != bs.EMPTY).any() and (second == bs.EMPTY).all()

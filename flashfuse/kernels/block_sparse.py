@@ -8,9 +8,10 @@ and an additive bias is EMPTY when every element is -inf, FULL when every elemen
 
 Summaries keep the input's broadcast: a [1, 1, M, N] mask gives a [1, 1, Mb, Nb] summary,
 computed once, not once per batch and head. Each element of the input is read once per
-summary (one padded copy, one reduction). A summary is cached while the tensor object is
-alive and unchanged (same storage, offset, strides and version counter), so one mask used by
-every layer is summarized once per step.
+summary (one padded copy, one reduction). With FLASHFUSE_MASK_CACHE=1 a summary is cached
+while the tensor object is alive and unchanged (same storage, offset, strides and version
+counter), so one mask used by every layer is summarized once per step; it is off by default
+because compiled graphs reuse buffers without moving version counters (see `caching`).
 
 The kernels walk compact per-row-block lists built from the summary (as block-sparse
 FlashAttention does): for each query block, the indices of its non-empty key blocks and
@@ -23,6 +24,7 @@ left to the kernels' bounds-checked tail), cached like the summaries.
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -162,7 +164,7 @@ class _Cache:
         return (id(_owner(t)), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version, block_m, block_n)
 
     def get(self, t: Tensor, block_m: int, block_n: int) -> Tensor:
-        if _capturing():
+        if not caching():
             return summarize(t, block_m, block_n)
         key = self._key(t, block_m, block_n)
         hit = self.entries.get(key)
@@ -184,6 +186,23 @@ class _Cache:
 
 def _owner(t: Tensor) -> Tensor:
     return t if t._base is None else t._base
+
+
+CACHE_ENV = "FLASHFUSE_MASK_CACHE"
+
+
+def caching() -> bool:
+    """Reuse summaries across calls only when asked (FLASHFUSE_MASK_CACHE=1), never in a capture.
+
+    The key (owner, storage, strides, version counter) proves a tensor unchanged only for writes
+    that go through PyTorch's dispatcher. Inductor's generated kernels write buffers through raw
+    pointers, and its memory planner hands a dead mask's buffer, same Python object and all, to
+    the next mask of the same shape (per-layer sliding windows, masks recomputed in the
+    backward): a cached summary would then skip the wrong blocks. So by default every call
+    summarizes its mask afresh (one read of the mask); users who pass the same unchanged mask
+    tensor to every layer, outside compiled graphs, can turn the cache on.
+    """
+    return os.environ.get(CACHE_ENV) == "1" and not _capturing()
 
 
 def _capturing() -> bool:
@@ -281,7 +300,7 @@ class _ListCache:
         self.entries: OrderedDict = OrderedDict()
 
     def get(self, tensors, extra, build):
-        if _capturing():
+        if not caching():
             return build()
         key = tuple(None if t is None else _Cache._key(t, 0, 0) for t in tensors) + tuple(extra)
         hit = self.entries.get(key)
