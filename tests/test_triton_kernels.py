@@ -29,8 +29,10 @@ from flashfuse.kernels import configs, philox, render, triton_attention  # noqa:
 
 try:
     import oracle  # tests/ is on sys.path under pytest's default import mode
+    from philox_kernel import triton_keep_mask
 except ImportError:  # pragma: no cover
     from tests import oracle
+    from tests.philox_kernel import triton_keep_mask
 
 F32_MIN = torch.finfo(torch.float32).min
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -218,30 +220,6 @@ def test_dropout_bf16_bnhd():
 
 
 # -- Philox --------------------------------------------------------------------------------------
-
-_COMMON = render.load_module("fwd", render.template_options(torch.float32, 16, False, False, False, True, False))
-
-
-@triton.jit
-def _keep_mask_kernel(Seed, Out, dropout_t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    start_n = tl.program_id(1) * BLOCK_N
-    cols = start_n + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(2)
-    seed_lo, seed_hi = _COMMON._seed_words(Seed)
-    keep = _COMMON._dropout_keep(seed_lo, seed_hi, bh, rows, start_n, dropout_t, BLOCK_N)
-    offs = bh.to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
-    tl.store(Out + offs, keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-def triton_keep_mask(seed: int, p: float, b: int, h: int, m: int, n: int, block_n: int = 64) -> torch.Tensor:
-    out = torch.full((b, h, m, n), -1, dtype=torch.int8)
-    seed_t = torch.tensor([seed], dtype=torch.int64)
-    grid = (triton.cdiv(m, 32), triton.cdiv(n, block_n), b * h)
-    _keep_mask_kernel[grid](seed_t, out, philox.threshold(p), m, n, BLOCK_M=32, BLOCK_N=block_n)
-    assert (out >= 0).all()
-    return out.bool()
-
 
 @pytest.mark.parametrize("seed", [0, 1234, 2**40 + 7, -5], ids=["0", "1234", "2^40+7", "neg"])
 def test_philox_bit_exact(seed):
