@@ -374,12 +374,7 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
             def fwdbwd():
                 return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
 
-            t0 = time.perf_counter()
-            fwdbwd()
-            sync(o.device)
-            row["first_fwdbwd_s"] = round(time.perf_counter() - t0, 3)
-            row["fwdbwd_ms"] = bench_ms(fwdbwd, o.device, o.warmup, o.rep)
-            row["fwdbwd_tflops"] = tflops(fl * common.FWD_BWD_FACTOR, row["fwdbwd_ms"])
+            common.time_fwdbwd(row, fwdbwd, fl, o)
             stage = "peak"
             row["peak_mb"], row["peak_delta_mb"] = common.peak_memory_mb(fwdbwd, o.device)
     except (Exception, CellTimeout) as e:  # noqa: BLE001  (every failure is a row)

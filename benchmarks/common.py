@@ -286,6 +286,16 @@ def bench_ms(fn: Callable[[], Any], device: str, warmup: float, rep: float) -> f
     return times[len(times) // 2]
 
 
+def time_fwdbwd(row: dict, fwdbwd: Callable[[], Any], fwd_flops: float, o) -> None:
+    """First (compiling) call, then the median fwd+bwd time and its TFLOP/s, into `row`."""
+    t0 = time.perf_counter()
+    fwdbwd()
+    sync(o.device)
+    row["first_fwdbwd_s"] = round(time.perf_counter() - t0, 3)
+    row["fwdbwd_ms"] = bench_ms(fwdbwd, o.device, o.warmup, o.rep)
+    row["fwdbwd_tflops"] = tflops(fwd_flops * FWD_BWD_FACTOR, row["fwdbwd_ms"])
+
+
 def peak_memory_mb(fn: Callable[[], Any], device: str) -> tuple[Optional[float], Optional[float]]:
     """(peak MB, peak minus what was allocated before the call) of one call, or (None, None) on CPU."""
     if device != "cuda":
@@ -602,12 +612,7 @@ class Runner:
                     def fwdbwd():
                         return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
 
-                    t0 = time.perf_counter()
-                    fwdbwd()
-                    sync(o.device)
-                    row["first_fwdbwd_s"] = round(time.perf_counter() - t0, 3)
-                    row["fwdbwd_ms"] = bench_ms(fwdbwd, o.device, o.warmup, o.rep)
-                    row["fwdbwd_tflops"] = tflops(fl * FWD_BWD_FACTOR, row["fwdbwd_ms"])
+                    time_fwdbwd(row, fwdbwd, fl, o)
                     stage = "peak"
                     row["peak_mb"], row["peak_delta_mb"] = peak_memory_mb(fwdbwd, o.device)
                 elif o.measure_fwdbwd:
