@@ -111,6 +111,10 @@ def run(args, budget: Budget, sink) -> None:
             continue
         for cfg in cfgs:
             run_config(args, runner, cfg, impls)
+    launch = sys.modules.get("flashfuse.kernels.launch")
+    for name, key, config in getattr(launch, "choices", ()):
+        # what the autotuner picked, per kernel and autotune key: the data behind configs.CONFIGS' order
+        print(f"autotune {name} {key} -> {config}", flush=True)
 
 
 def run_config(args, runner: Runner, cfg: AttnConfig, impls: list) -> None:

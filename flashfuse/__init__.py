@@ -25,11 +25,15 @@ logging.getLogger("flashfuse").addHandler(logging.NullHandler())
 
 
 def attention(q, k, v, bias=None, mask=None, scale=None, causal=False, dropout_p=0.0, gqa_group=1, mask_value=float("-inf"), kernel="auto"):
-    """Call the fused op directly. Returns the output [B, Hq, M, Dv]."""
+    """Call the fused op directly. Returns the output [B, Hq, M, Dv].
+
+    Eagerly this runs the kernels through a plain autograd.Function (ops.call_attention: less
+    host time than dispatching the custom op); under torch.compile it is the op
+    torch.ops.flashfuse.attention, so compiled graphs show it.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=q.device) if dropout_p > 0 else None
-    out, _, _ = torch.ops.flashfuse.attention(q, k, v, bias, mask, float(scale), causal, float(dropout_p), seed, gqa_group, float(mask_value), True, kernel)
-    return out
+    return ops.call_attention(q, k, v, bias, mask, float(scale), bool(causal), float(dropout_p), seed, int(gqa_group), float(mask_value), kernel)
 
 
 def _register_backend() -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashfuse import ops  # noqa: F401  (registers torch.ops.flashfuse.*)
+from flashfuse import ops
 from flashfuse.kernels import block_sparse
 
 BLOCK = 128  # = flashfuse.kernels.triton_attention.SPARSE_BLOCK = reference.LAYOUT_BLOCK
@@ -56,8 +56,5 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, *, s
     scale = d ** -0.5 if scale is None else scale
     summary = layout_summary(layout.to(q.device), b, hq, m, n)
     seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=q.device) if dropout_p > 0 else None
-    out, _, _ = torch.ops.flashfuse.attention(
-        q, k, v, None, None, float(scale), False, float(dropout_p), seed, gqa_group, float("-inf"), True, kernel,
-        block_layout=summary,
-    )
-    return out
+    return ops.call_attention(q, k, v, None, None, float(scale), False, float(dropout_p), seed, int(gqa_group), float("-inf"), kernel,
+                              block_layout=summary)

@@ -204,3 +204,44 @@ def _backward(ctx, dout, _dm, _dlog_l):
 
 
 torch.library.register_autograd("flashfuse::attention", _backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The op's math for eager callers, without the custom op's dispatch and autograd wrappers.
+
+    NB: on an H100 host, torch.ops.flashfuse.attention with inputs that need grad cost ~1.4 ms
+    more host time per forward+backward than its launchers (benchmarks/launch_overhead.py:
+    2028 us vs 129 + 434 us), several times the N=1024 kernels' GPU time. Inside compiled
+    graphs the op is still what runs (flashfuse.attention routes there while Dynamo traces).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, kernel, block_layout):
+        _check(q, k, v, bias, mask, gqa_group)
+        out, m, log_l = _run(kernel, q.device, False, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed,
+                             gqa_group, mask_value, block_layout)
+        ctx.save_for_backward(q, k, v, bias, mask, seed, out, m, log_l, block_layout)
+        ctx.args = (scale, causal, dropout_p, gqa_group, mask_value, kernel)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, bias, mask, seed, out, m, log_l, block_layout = ctx.saved_tensors
+        scale, causal, dropout_p, gqa_group, mask_value, kernel = ctx.args
+        needs_dbias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _run(kernel, q.device, False, "attention_backward", dout, q, k, v, bias, mask, out, m, log_l, scale,
+                                 causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, block_layout)
+        return (dq, dk, dv, dbias if needs_dbias else None) + (None,) * 9
+
+
+def call_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
+                   dropout_p: float, seed: Optional[Tensor], gqa_group: int, mask_value: float, kernel: str,
+                   block_layout: Optional[Tensor] = None) -> Tensor:
+    """The output of flashfuse::attention: the op itself while torch.compile traces, else `_EagerAttention`."""
+    if torch.compiler.is_compiling():
+        extra = {"block_layout": block_layout} if block_layout is not None else {}
+        return torch.ops.flashfuse.attention(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, True, kernel,
+                                             **extra)[0]
+    resolve_kernel(kernel, q.device)  # unknown names raise here, as the op does
+    return _EagerAttention.apply(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, kernel, block_layout)

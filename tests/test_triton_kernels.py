@@ -366,3 +366,22 @@ def test_dead_row_from_mask_and_causal_has_eager_grads(kernel):
     for g, w in zip(got, want):
         assert not g.isnan().any()
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_direct_launch_key_separates_what_triton_specializes():
+    # flashfuse.kernels.launch reuses a compiled kernel only for an equal key: the key must tell
+    # apart everything Triton specializes on (pointer alignment, int values such as 1 or
+    # multiples of 16, constexprs) and ignore only runtime floats.
+    from flashfuse.kernels.launch import _arg_key
+
+    buf = torch.randn(64, dtype=torch.float32)
+    aligned, misaligned, aligned_too = buf[:16], buf[1:17], buf[4:20]
+    assert buf.data_ptr() % 16 == 0
+    base = _arg_key((aligned, 16, 1, 0.5), {"CAUSAL": True})
+    assert base != _arg_key((misaligned, 16, 1, 0.5), {"CAUSAL": True})
+    assert base != _arg_key((aligned.bfloat16(), 16, 1, 0.5), {"CAUSAL": True})
+    assert base != _arg_key((aligned, 32, 1, 0.5), {"CAUSAL": True})
+    assert base != _arg_key((aligned, 16, 2, 0.5), {"CAUSAL": True})
+    assert base != _arg_key((aligned, 16, 1, 0.5), {"CAUSAL": False})
+    assert base != _arg_key((None, 16, 1, 0.5), {"CAUSAL": True})
+    assert base == _arg_key((aligned_too, 16, 1, 0.25), {"CAUSAL": True})

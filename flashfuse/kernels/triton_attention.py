@@ -13,30 +13,30 @@ q, k, v, bias, mask, dout are read through their strides (size-1 bias/mask dims 
 nothing is made contiguous and nothing M x N is allocated.
 
 Block sparsity: whenever a bias, a mask or an explicit block layout reaches the kernels, the
-launchers summarize them per SPARSE_BLOCK x SPARSE_BLOCK tile (`block_sparse.kernel_lists`,
-cached while the tensors are alive and unchanged, so a mask shared by every layer is
-summarized once per step) and the kernels walk only the non-empty tiles, loading no mask or
+launchers summarize them per SPARSE_BLOCK x SPARSE_BLOCK tile (`block_sparse.kernel_lists`;
+cached across calls only with FLASHFUSE_MASK_CACHE=1, see there) and the kernels walk only the non-empty tiles, loading no mask or
 bias on full ones. Causal skipping stays compile-time and combines with the lists.
 
 Resources: the autotuner's configs are pruned by a shared-memory estimate
 (`configs.prune`); a launch that still fails with OutOfResources drops that config for the
-kernel variant and runs the next one (`_launch`).
+kernel variant and runs the next one. Launches go through `flashfuse.kernels.launch`, which
+calls the compiled kernel directly once a launch with the same arguments has been seen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 import triton
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.errors import OutOfResources
-
 from flashfuse.kernels import block_sparse, configs, philox, render
+from flashfuse.kernels.launch import launch as _launch
 
 LOG2E = 1.4426950408889634
 # Granularity of the block-sparse summaries and lists: every config's BLOCK_M and BLOCK_N divide it.
@@ -52,15 +52,18 @@ def _bcast_strides(t: Optional[Tensor]):
 
 def _bucket(n: int) -> int:
     # autotune key: lengths in the same power-of-two bucket share a config
-    return triton.next_power_of_2(max(int(n), 1))
+    # (plain bit arithmetic: triton.next_power_of_2 is a jit-aware function, ~5 us per call)
+    n = max(int(n), 1)
+    return 1 << (n - 1).bit_length()
 
 
 def _device_guard(t: Tensor):
-    if t.is_cuda:
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=64)
 def _fp32(x: float) -> float:
     # the value the kernels see: the reference also rounds the fill value to fp32 scores
     return float(torch.tensor(float(x), dtype=torch.float32))
@@ -112,62 +115,32 @@ def _check_blocks(kind: str, kernel) -> None:
     _checked.add(id(kernel))
 
 
-# (kernel, autotune key) -> the config the autotuner chose: later launches skip Triton's
-# Autotuner.run, whose per-call bookkeeping is quadratic in the argument count.
-# NB: on an H200 (triton 3.6) one launch through the autotuner cost ~200 us of host time
-# (benchmarks/launch_overhead.py: forward launcher 207 us, backward with three launches 503 us),
-# which left GPT-2 small host-bound (flashfuse 48 ms/step vs 33 ms for Inductor alone).
-_chosen: dict = {}
-_key_index: dict = {}
+class _Variant:
+    """The rendered options of one kernel variant and its kernels, by kind (rendered on first use)."""
+
+    def __init__(self, options: dict):
+        self.options = options
+        self._kernels: dict = {}
+
+    def kernel(self, kind: str):
+        fn = self._kernels.get(kind)
+        if fn is None:
+            fn = self._kernels[kind] = render.kernel(kind, self.options)
+            _check_blocks(kind, fn)
+        return fn
 
 
-def _tune_key(kernel, args, kwargs) -> tuple:
-    index = _key_index.get(id(kernel))
-    if index is None:
-        names = kernel.arg_names
-        index = _key_index[id(kernel)] = tuple((k, names.index(k) if k in names and names.index(k) < len(args) else None) for k in kernel.keys)
-    key = tuple(args[i] if i is not None else kwargs.get(k) for k, i in index)
-    return (id(kernel), key, tuple(str(a.dtype) for a in args if isinstance(a, Tensor)))
+@functools.lru_cache(maxsize=None)
+def _cached_variant(dtype, head_dim, has_bias, has_mask, causal, dropout, needs_dbias, head_dim_v, allow_tf32, interpret, cache_dir):
+    # template_options reads the TF32 flag and TRITON_INTERPRET, render.kernel the cache dir: all in the key
+    return _Variant(render.template_options(dtype, head_dim, has_bias, has_mask, causal, dropout, needs_dbias, head_dim_v=head_dim_v))
 
 
-def _launch(kind: str, kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs); a config that runs out of resources is dropped and the next one runs.
-
-    The ban is kept per kernel variant (configs.variant_key) for the process; the autotuner's
-    cached choices of that config are forgotten, so the next launch prunes again without it.
-    Once the autotuner has chosen for a key, later launches go straight to the chosen config.
-    """
-    tuned = isinstance(kernel, Autotuner)
-    key = _tune_key(kernel, args, kwargs) if tuned else None
-    config = _chosen.get(key) if tuned else None
-    if config is not None:
-        return kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
-    tried = set()
-    while True:
-        try:
-            ret = kernel[grid](*args, **kwargs)
-            if tuned and getattr(kernel, "best_config", None) is not None and kernel.best_config.pre_hook is None:
-                _chosen[key] = kernel.best_config
-            return ret
-        except OutOfResources:
-            failed = getattr(kernel, "best_config", None)
-            if failed is None or not hasattr(kernel, "configs") or id(failed) in tried:
-                raise
-            tried.add(id(failed))
-            named = {**dict(zip(kernel.arg_names, args)), **kwargs}
-            if not configs.ban(kind, named, failed, kernel.configs):
-                raise
-            cache = getattr(kernel, "cache", {})
-            for key_ in [key_ for key_, cfg in cache.items() if cfg is failed]:
-                del cache[key_]
-            for key_ in [key_ for key_, cfg in _chosen.items() if cfg is failed]:
-                del _chosen[key_]
-
-
-def _options(q, k, v, bias, mask, causal, dropout, needs_dbias):
-    return render.template_options(
-        q.dtype, k.shape[-1], bias is not None, mask is not None, causal, dropout, needs_dbias, head_dim_v=v.shape[-1]
-    )
+def _variant(q, k, v, bias, mask, causal, dropout, needs_dbias) -> _Variant:
+    """This call's kernel variant, memoized: the launchers run this on every op call."""
+    return _cached_variant(q.dtype, k.shape[-1], bias is not None, mask is not None, bool(causal), bool(dropout),
+                           bool(needs_dbias), v.shape[-1], torch.backends.cuda.matmul.allow_tf32, configs.interpreting(),
+                           os.environ.get("FLASHFUSE_CACHE_DIR"))
 
 
 def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value, block_layout=None):
@@ -191,9 +164,8 @@ def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group
         return out, m_stat, log_l
 
     mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
-    options = _options(q, k, v, bias, mask, causal, dropout, False)
-    kernel = render.kernel("fwd", options)
-    _check_blocks("fwd", kernel)
+    variant = _variant(q, k, v, bias, mask, causal, dropout, False)
+    options, kernel = variant.options, variant.kernel("fwd")
     seed_t = _seed_tensor(seed, q.device) if dropout else None
     lists, sparse = _sparse(bias, mask, block_layout, mask_value, causal, m_len, n_len)
     kv_lists, *kv_list_args = _list_args(None if lists is None else lists.kv)
@@ -245,7 +217,8 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
         return dq, dk, dv, (torch.zeros_like(bias) if needs_dbias else None)
 
     mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
-    options = _options(q, k, v, bias, mask, causal, dropout, needs_dbias)
+    variant = _variant(q, k, v, bias, mask, causal, dropout, needs_dbias)
+    options = variant.options
     seed_t = _seed_tensor(seed, q.device) if dropout else None
     m = m.contiguous()  # the forward's own [B, Hq, M] outputs: already contiguous, no copy
     log_l = log_l.contiguous()
@@ -265,13 +238,11 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
         LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse,
     )
     dropout_t = philox.threshold(dropout_p) if dropout else 0
-    k_dkdv, k_dq = render.kernel("bwd_dkdv", options), render.kernel("bwd_dq", options)
-    _check_blocks("bwd_dkdv", k_dkdv)
-    _check_blocks("bwd_dq", k_dq)
+    k_dkdv, k_dq = variant.kernel("bwd_dkdv"), variant.kernel("bwd_dq")
 
     with _device_guard(q):
         _launch(
-            "bwd_preprocess", render.kernel("bwd_preprocess", options), lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq),
+            "bwd_preprocess", variant.kernel("bwd_preprocess"), lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq),
             out, dout, delta, *out.stride(), *dout.stride(), hq, m_len, _bucket(m_len),
             HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"],
         )

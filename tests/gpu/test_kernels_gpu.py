@@ -54,10 +54,12 @@ def rel_err(x, ref):
 
 def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias_shape=None, mask_shape=None,
              mask_value=float("-inf"), dropout_p=0.0, layout="contiguous", backward=True, mask=None, block_layout=None,
-             dense=None):
+             dense=None, draw=0):
     """mask: a given keep-mask instead of a random one of mask_shape; block_layout: the op's int8
-    block summary, with dense its element mask for the oracle."""
-    gen = torch.Generator(device=DEV).manual_seed(1000 * d + n + m)
+    block summary, with dense its element mask for the oracle; draw: another set of random inputs.
+    layout: "contiguous", "bnhd" (q, k, v transposed views) or "offset" (q, k, v start 2 bytes
+    past a 16-byte boundary, so Triton compiles them without its pointer-alignment assumption)."""
+    gen = torch.Generator(device=DEV).manual_seed(1000 * d + n + m + 7919 * draw)
     hkv = hq // group
 
     def randn(*shape):
@@ -65,6 +67,12 @@ def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias
 
     if layout == "bnhd":
         q, k, v = randn(b, m, hq, d).transpose(1, 2), randn(b, n, hkv, d).transpose(1, 2), randn(b, n, hkv, d).transpose(1, 2)
+    elif layout == "offset":
+        def randn_offset(*shape):
+            return randn(shape.numel() + 1)[1:].view(shape)
+
+        q, k, v = randn_offset(torch.Size((b, hq, m, d))), randn_offset(torch.Size((b, hkv, n, d))), randn_offset(torch.Size((b, hkv, n, d)))
+        assert q.data_ptr() % 16 != 0
     else:
         q, k, v = randn(b, hq, m, d), randn(b, hkv, n, d), randn(b, hkv, n, d)
     bias = randn(*bias_shape) if bias_shape is not None else None
@@ -132,6 +140,20 @@ def test_gqa_bias_finite_mask_bf16():
 
 def test_noncontiguous_bf16():
     run_case(torch.bfloat16, m=1000, n=1000, d=64, layout="bnhd", bias_shape=(2, 8, 1, 1000))
+
+
+def test_direct_launch_repeats_and_misaligned_inputs():
+    # flashfuse.kernels.launch: the first launch of an argument key autotunes, the second runs the
+    # chosen config through Triton, later ones call the compiled kernel directly. Fresh inputs on
+    # each call must all be right, and a misaligned q/k/v with the same sizes and strides must not
+    # reuse the binary compiled for aligned pointers.
+    from flashfuse.kernels import launch
+
+    before = launch.stats["direct"]
+    for draw in range(3):
+        run_case(torch.bfloat16, b=1, hq=4, m=300, n=300, d=64, causal=True, mask_shape=(1, 1, 300, 300), draw=draw)
+    assert launch.stats["direct"] >= before + 4  # third forward and third backward's three launches
+    run_case(torch.bfloat16, b=1, hq=4, m=300, n=300, d=64, causal=True, mask_shape=(1, 1, 300, 300), layout="offset", draw=3)
 
 
 def test_dropout_exact_mask_bf16():
