@@ -2,16 +2,18 @@
 
     python benchmarks/profile_cells.py bf16,64,1024,1,0 bf16,128,4096,0,0.1
 Each cell is dtype,D,N,causal,dropout with the sweep's shapes (B = 16384 // N, H = 2048 // D).
-For the op called directly and for SDPA flash it prints: do_bench median of the forward and of
-forward+backward, the per-call CUDA time of each kernel (torch.profiler), and the autotuner's
-chosen config of each flashfuse kernel. When do_bench's time is well above the summed kernel
-time, the cell is host-bound; otherwise the kernels themselves are slow.
+For flashfuse through torch.compile, the op called directly and SDPA flash it prints: do_bench
+median of the forward and of forward+backward, the host time to issue one forward+backward
+(wall time of 20 calls without waiting for the GPU), the per-call CUDA time of each kernel
+(torch.profiler), and the autotuner's chosen config of each flashfuse kernel. When do_bench's
+time is near the issue time and well above the summed kernel time, the cell is host-bound.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +42,18 @@ def kernel_times(fn, iters: int = 10) -> list:
     return sorted(rows, key=lambda r: -r[1])[:8]
 
 
+def issue_us(fn, n: int = 20) -> float:
+    """Host microseconds per call, with the GPU left to catch up afterwards."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
 def chosen_configs() -> list:
     from flashfuse.kernels import render
 
@@ -62,7 +76,10 @@ def main() -> None:
         cfg = common.AttnConfig(dtype=dt, B=max(1, 16384 // n), H=2048 // d, N=n, D=d, causal=causal, dropout=p)
         q, k, v, do = common.make_inputs(cfg, "cuda")
         flops = common.attn_flops(cfg.B, cfg.H, n, d, causal)
+        torch._dynamo.reset()
+        compiled = common.build_impl("flashfuse", cfg, "cuda", "auto")
         impls = {
+            "flashfuse": lambda: compiled(q, k, v),
             "flashfuse_op": lambda: flashfuse.attention(q, k, v, causal=causal, dropout_p=p),
             "sdpa_flash": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p),
         }
@@ -78,7 +95,7 @@ def main() -> None:
                 t_f = triton.testing.do_bench(fwd, warmup=10, rep=50, return_mode="median")
                 t_fb = triton.testing.do_bench(fwdbwd, warmup=10, rep=50, return_mode="median")
                 print(f"  {name:13s} fwd {t_f:.3f} ms ({flops / t_f / 1e9:.0f} TFLOP/s)  fwd+bwd {t_fb:.3f} ms "
-                      f"({3.5 * flops / t_fb / 1e9:.0f} TFLOP/s)")
+                      f"({3.5 * flops / t_fb / 1e9:.0f} TFLOP/s)  host: fwd+bwd {issue_us(fwdbwd):.0f} us, fwd {issue_us(fwd):.0f} us")
                 for kname, us in kernel_times(fwdbwd):
                     print(f"      {us:9.1f} us  {kname}")
         for line in chosen_configs():

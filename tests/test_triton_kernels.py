@@ -385,3 +385,28 @@ def test_direct_launch_key_separates_what_triton_specializes():
     assert base != _arg_key((aligned, 16, 1, 0.5), {"CAUSAL": False})
     assert base != _arg_key((None, 16, 1, 0.5), {"CAUSAL": True})
     assert base == _arg_key((aligned_too, 16, 1, 0.25), {"CAUSAL": True})
+
+
+def test_direct_launch_enabled_without_launch_hooks(monkeypatch):
+    # Triton's launch hooks are a HookChain on newer versions (present but empty) and a plain
+    # callable or None on older ones: the direct path must be on with no hook and off with one.
+    from triton import knobs
+
+    from flashfuse.kernels import launch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not launch._hooks_installed()
+    assert launch._direct_enabled()
+    hook = knobs.runtime.launch_enter_hook
+    if hasattr(hook, "add"):
+        fn = lambda *a, **k: None  # noqa: E731
+        hook.add(fn)
+        try:
+            assert launch._hooks_installed() and not launch._direct_enabled()
+        finally:
+            hook.remove(fn)
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a, **k: None)
+        assert launch._hooks_installed() and not launch._direct_enabled()
+    monkeypatch.setenv("FLASHFUSE_DIRECT_LAUNCH", "0")
+    assert not launch._direct_enabled()

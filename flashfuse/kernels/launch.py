@@ -82,12 +82,20 @@ def _tune_key(kernel, args, kwargs) -> tuple:
     return (id(kernel), key, tuple(str(a.dtype) for a in args if isinstance(a, Tensor)))
 
 
+def _hook_set(hook) -> bool:
+    # a plain callable (older Triton) or a HookChain (newer: always present, set when it has calls)
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return True if calls is None else bool(calls)
+
+
 def _hooks_installed() -> bool:
     try:
         from triton import knobs
     except ImportError:  # older Triton: no knobs, keep Triton's own launch path
         return True
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    return _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
 
 
 def _direct_enabled() -> bool:
