@@ -410,3 +410,52 @@ def test_direct_launch_enabled_without_launch_hooks(monkeypatch):
         assert launch._hooks_installed() and not launch._direct_enabled()
     monkeypatch.setenv("FLASHFUSE_DIRECT_LAUNCH", "0")
     assert not launch._direct_enabled()
+
+
+def test_direct_entry_orders_arguments_for_kernels_with_and_without_heuristics(monkeypatch):
+    # The direct entry replays a launch: positional args, then every remaining parameter of the
+    # jit function in order (launch kwargs, the config's meta-parameters, heuristics values).
+    # On a GPU those go to CompiledKernel.run; here a stand-in compiled kernel records them.
+    from flashfuse.kernels import launch
+
+    config = triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1)
+
+    @triton.autotune(configs=[config], key=["N"])
+    @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK"] == 0})
+    @triton.jit
+    def with_heuristics(X, N, FLAG: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        pass
+
+    @triton.autotune(configs=[config], key=["N"])
+    @triton.jit
+    def plain(X, N, FLAG: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    class Compiled:
+        function = object()
+        metadata = object()
+
+        def __init__(self):
+            self.calls = []
+
+        def run(self, *a):
+            self.calls.append(a)
+
+    x = torch.zeros(8)
+    for kernel, tail in ((with_heuristics, (True, 32, False)), (plain, (True, 32))):
+        compiled = Compiled()
+        entry = launch._direct_entry(kernel, compiled, config, lambda meta: (triton.cdiv(100, meta["BLOCK"]),), (x, 100), {"FLAG": True})
+        assert entry is not None and entry.grid == (4, 1, 1) and entry.tail == tail
+        # launch() with the entry in place calls the compiled kernel's launcher and nothing else
+        monkeypatch.setattr(launch, "_direct_enabled", lambda: True)
+        monkeypatch.setattr(launch, "_stream", lambda: "stream")
+        dkey = (id(kernel), launch._arg_key((x, 100), {"FLAG": True}))
+        launch._direct[dkey] = entry
+        try:
+            launch.launch("fwd", kernel, None, x, 100, FLAG=True)
+            assert len(compiled.calls) == 1
+            assert compiled.calls[0][:3] == (4, 1, 1) and compiled.calls[0][3] == "stream"
+            assert compiled.calls[0][4:6] == (Compiled.function, Compiled.metadata)
+            assert compiled.calls[0][9:] == (x, 100, *tail)
+        finally:
+            launch._direct.pop(dkey, None)

@@ -28,15 +28,18 @@ hooks are installed (profilers): then every launch takes path 2 or 3.
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Callable, Dict
+from typing import Any, Dict, Optional
 
 from torch import Tensor
 
-from triton.runtime.autotuner import Autotuner
+from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.errors import OutOfResources
 
 from flashfuse.kernels import configs
+
+log = logging.getLogger(__name__)
 
 # statistics, read by tests and benchmarks: how many launches took each path
 stats: Dict[str, int] = {"direct": 0, "chosen": 0, "autotune": 0}
@@ -82,6 +85,13 @@ def _tune_key(kernel, args, kwargs) -> tuple:
     return (id(kernel), key, tuple(str(a.dtype) for a in args if isinstance(a, Tensor)))
 
 
+def _stream():
+    """The current stream of the current device, as Triton's own launches get it."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream(driver.active.get_current_device())
+
+
 def _hook_set(hook) -> bool:
     # a plain callable (older Triton) or a HookChain (newer: always present, set when it has calls)
     if hook is None:
@@ -102,23 +112,44 @@ def _direct_enabled() -> bool:
     return not configs.interpreting() and os.environ.get("FLASHFUSE_DIRECT_LAUNCH", "1") != "0" and not _hooks_installed()
 
 
-def _remember(dkey, kernel, compiled, config, grid: Callable, args: tuple, kwargs: dict) -> None:
-    """Store the direct entry for `dkey` after a launch through Triton returned `compiled`."""
+def _jit_of(kernel):
+    """(the jit function, heuristics rules) under an Autotuner: Autotuner -> [Heuristics ->] JITFunction."""
+    obj, rules = kernel.fn, {}
+    while isinstance(obj, (Autotuner, Heuristics)):
+        if isinstance(obj, Heuristics):
+            rules = {**obj.values, **rules}
+        obj = obj.fn
+    return obj, rules
+
+
+def _direct_entry(kernel, compiled, config, grid, args: tuple, kwargs: dict) -> Optional[_Direct]:
+    """The direct entry for a launch that Triton just made with `config`, or None if its layout is unknown."""
     if compiled is None or not all(hasattr(compiled, a) for a in ("run", "function")):
-        return
-    heuristics = kernel.fn  # Autotuner -> Heuristics -> JITFunction (or Autotuner -> JITFunction)
-    jit = getattr(heuristics, "fn", heuristics)
+        return None
+    jit, rules = _jit_of(kernel)
     names = list(jit.arg_names)
     named = {**dict(zip(names, args)), **kwargs, **config.kwargs}
-    for name, rule in getattr(heuristics, "values", {}).items():
+    for name, rule in rules.items():
         named[name] = rule(named)
     if set(names[: len(args)]) & (set(kwargs) | set(config.kwargs)) or any(n not in named for n in names):
-        return  # an argument layout this module does not know: keep Triton's path
+        return None  # an argument layout this module does not know: keep Triton's path
     g = grid(named) if callable(grid) else grid
     g = tuple(g) + (1,) * (3 - len(g))
+    return _Direct(compiled, g, tuple(named[n] for n in names[len(args):]))
+
+
+def _remember(dkey, kernel, compiled, config, grid, args: tuple, kwargs: dict) -> None:
+    # The launch has already happened: a failure to build the entry only costs speed.
+    try:
+        entry = _direct_entry(kernel, compiled, config, grid, args, kwargs)
+    except Exception as e:  # noqa: BLE001
+        log.debug("flashfuse: no direct launch for %s: %s: %s", getattr(kernel, "base_fn", kernel), type(e).__name__, e)
+        return
+    if entry is None:
+        return
     if len(_direct) >= _MAX_DIRECT:  # e.g. many distinct shapes: start over rather than grow
         _direct.clear()
-    _direct[dkey] = _Direct(compiled, g, tuple(named[n] for n in names[len(args):]))
+    _direct[dkey] = entry
 
 
 def launch(kind: str, kernel, grid, *args, **kwargs):
@@ -129,13 +160,9 @@ def launch(kind: str, kernel, grid, *args, **kwargs):
         dkey = (id(kernel), _arg_key(args, kwargs))
         entry = _direct.get(dkey)
         if entry is not None:
-            from triton.runtime import driver
-
             stats["direct"] += 1
-            device = driver.active.get_current_device()
-            stream = driver.active.get_current_stream(device)
             g = entry.grid
-            return entry.run(g[0], g[1], g[2], stream, entry.function, entry.metadata, None, None, None, *args, *entry.tail)
+            return entry.run(g[0], g[1], g[2], _stream(), entry.function, entry.metadata, None, None, None, *args, *entry.tail)
     key = _tune_key(kernel, args, kwargs) if tuned else None
     config = _chosen.get(key) if tuned else None
     if config is not None:
