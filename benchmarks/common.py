@@ -111,6 +111,19 @@ def env_info(device: str) -> dict:
     return info
 
 
+def show_flashfuse_warnings() -> None:
+    """Print the flashfuse logger's warnings (a kernel that fell back to the reference, say) to
+    stderr: the package installs only a NullHandler, which would hide them from benchmark logs."""
+    import logging
+
+    log = logging.getLogger("flashfuse")
+    if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
 def configure_dynamo() -> None:
     """Many shapes are compiled per process: raise the recompile limits so that neither Dynamo
     nor FlexAttention silently falls back to eager (flex would then run an O(N^2) path)."""
@@ -832,6 +845,7 @@ def resolve_common(args) -> None:
         dirs.append(os.path.join(os.environ.get("TMPDIR", "/tmp"), "flashfuse_bench_dryrun"))
     args.dirs = dirs
     configure_dynamo()
+    show_flashfuse_warnings()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     else:

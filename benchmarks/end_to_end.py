@@ -159,7 +159,7 @@ def _counter_totals():
     from torch._dynamo.utils import counters
 
     return (int(counters["flashfuse"]["fused"]), int(sum(counters["graph_break"].values())),
-            int(counters["stats"]["unique_graphs"]))
+            int(counters["stats"]["unique_graphs"]), int(counters["flashfuse"]["kernel_fallback"]))
 
 
 def _compile_cache(fresh: bool):
@@ -226,6 +226,7 @@ def measure(name, variant, impl, attn, compiler, args, runner_budget: Budget, ti
             row["fused"] = c1[0] - c0[0] if compiler == "flashfuse" else None
             row["graph_breaks"] = c1[1] - c0[1]
             row["graphs"] = c1[2] - c0[2]
+            row["kernel_fallbacks"] = c1[3] - c0[3]  # Triton failures run by the reference kernel (slow)
             if compiler == "flashfuse":
                 refused = common.flashfuse_refusals()
                 if refused:

@@ -7,6 +7,7 @@ Prints wall time per step, the GPU's busy time, and the top ops by self CUDA and
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 import torch
@@ -25,6 +26,8 @@ def main() -> None:
     import transformers
 
     import flashfuse  # noqa: F401
+
+    logging.basicConfig(level=logging.WARNING)  # kernel fallbacks are logged as warnings
 
     cfg = transformers.GPT2Config(n_layer=args.layers, n_positions=args.seq, attn_implementation="eager",
                                   attn_pdrop=args.dropout, resid_pdrop=args.dropout, embd_pdrop=args.dropout)
@@ -57,6 +60,11 @@ def main() -> None:
     events = prof.key_averages()
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
     print(f"{args.backend}: {wall:.1f} ms/step wall, GPU busy {gpu_ms:.1f} ms/step, layers={args.layers}")
+    from torch._dynamo.utils import counters
+
+    from flashfuse.kernels import launch
+
+    print("flashfuse counters:", dict(counters["flashfuse"]), "launch paths:", launch.stats)
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
 

@@ -68,7 +68,7 @@ def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias
     if layout == "bnhd":
         q, k, v = randn(b, m, hq, d).transpose(1, 2), randn(b, n, hkv, d).transpose(1, 2), randn(b, n, hkv, d).transpose(1, 2)
     elif layout == "offset":
-        def randn_offset(*shape):
+        def randn_offset(shape):
             return randn(shape.numel() + 1)[1:].view(shape)
 
         q, k, v = randn_offset(torch.Size((b, hq, m, d))), randn_offset(torch.Size((b, hkv, n, d))), randn_offset(torch.Size((b, hkv, n, d)))
