@@ -445,17 +445,22 @@ def test_direct_entry_orders_arguments_for_kernels_with_and_without_heuristics(m
     for kernel, tail in ((with_heuristics, (True, 32, False)), (plain, (True, 32))):
         compiled = Compiled()
         entry = launch._direct_entry(kernel, compiled, config, lambda meta: (triton.cdiv(100, meta["BLOCK"]),), (x, 100), {"FLAG": True})
-        assert entry is not None and entry.grid == (4, 1, 1) and entry.tail == tail
+        assert entry is not None and entry.tail == tail and entry.meta["BLOCK"] == 32
+        assert not any(isinstance(a, torch.Tensor) for a in entry.meta.values())
         # launch() with the entry in place calls the compiled kernel's launcher and nothing else
         monkeypatch.setattr(launch, "_direct_enabled", lambda: True)
         monkeypatch.setattr(launch, "_stream", lambda: "stream")
         dkey = (id(kernel), launch._arg_key((x, 100), {"FLAG": True}))
         launch._direct[dkey] = entry
         try:
-            launch.launch("fwd", kernel, None, x, 100, FLAG=True)
+            launch.launch("fwd", kernel, lambda meta: (triton.cdiv(100, meta["BLOCK"]),), x, 100, FLAG=True)
             assert len(compiled.calls) == 1
             assert compiled.calls[0][:3] == (4, 1, 1) and compiled.calls[0][3] == "stream"
             assert compiled.calls[0][4:6] == (Compiled.function, Compiled.metadata)
             assert compiled.calls[0][9:] == (x, 100, *tail)
+            # Same arguments, another grid (a launcher's grid may read sizes that are not kernel
+            # arguments, e.g. the batch): the grid is evaluated again, never remembered.
+            launch.launch("fwd", kernel, lambda meta: (triton.cdiv(100, meta["BLOCK"]), 3), x, 100, FLAG=True)
+            assert compiled.calls[1][:3] == (4, 3, 1)
         finally:
             launch._direct.pop(dkey, None)

@@ -11,7 +11,8 @@ A launch goes one of three ways (`launch`):
    (dtype, data_ptr % 16 == 0, device), so it is at least as fine as Triton's own
    specialization (ints equal to 1, ints divisible by 16, i32 / i64 ranges, pointer
    alignment): a hit always launches the binary Triton would have picked. Floats are runtime
-   fp32 arguments and are not part of the key.
+   fp32 arguments and are not part of the key. The grid is evaluated on every launch (it may
+   depend on sizes that are not kernel arguments, such as the batch).
 2. **Chosen.** The autotuner has chosen a config for this autotune key: run that config
    through Triton's `JITFunction.run` (which compiles on a new specialization), and remember
    the direct entry.
@@ -55,16 +56,27 @@ _MAX_DIRECT = 4096
 
 
 class _Direct:
-    """One remembered launch: the compiled kernel, its grid and its trailing constexpr values."""
+    """One remembered launch: the compiled kernel, its trailing constexpr values and the meta-
+    parameters the grid function reads.
 
-    __slots__ = ("run", "function", "metadata", "grid", "tail")
+    The grid itself is not remembered: launchers compute it from values that need not be
+    kernel arguments (the batch size, say: a contiguous q has the same strides for any batch),
+    so each launch evaluates the caller's grid function again.
+    """
 
-    def __init__(self, compiled, grid, tail):
+    __slots__ = ("run", "function", "metadata", "meta", "tail")
+
+    def __init__(self, compiled, meta, tail):
         self.run = compiled.run
         self.function = compiled.function
         self.metadata = getattr(compiled, "packed_metadata", None) or compiled.metadata
-        self.grid = grid
+        self.meta = meta
         self.tail = tail
+
+
+def _grid3(grid, meta) -> tuple:
+    g = grid(meta) if callable(grid) else grid
+    return tuple(g) + (1,) * (3 - len(g))
 
 
 def _arg_key(args: tuple, kwargs: dict) -> tuple:
@@ -133,9 +145,9 @@ def _direct_entry(kernel, compiled, config, grid, args: tuple, kwargs: dict) -> 
         named[name] = rule(named)
     if set(names[: len(args)]) & (set(kwargs) | set(config.kwargs)) or any(n not in named for n in names):
         return None  # an argument layout this module does not know: keep Triton's path
-    g = grid(named) if callable(grid) else grid
-    g = tuple(g) + (1,) * (3 - len(g))
-    return _Direct(compiled, g, tuple(named[n] for n in names[len(args):]))
+    _grid3(grid, named)  # a grid function that cannot read these meta-parameters fails here, not later
+    meta = {n: a for n, a in named.items() if not isinstance(a, Tensor)}  # holds no tensor of this call
+    return _Direct(compiled, meta, tuple(named[n] for n in names[len(args):]))
 
 
 def _remember(dkey, kernel, compiled, config, grid, args: tuple, kwargs: dict) -> None:
@@ -161,7 +173,7 @@ def launch(kind: str, kernel, grid, *args, **kwargs):
         entry = _direct.get(dkey)
         if entry is not None:
             stats["direct"] += 1
-            g = entry.grid
+            g = _grid3(grid, entry.meta)
             return entry.run(g[0], g[1], g[2], _stream(), entry.function, entry.metadata, None, None, None, *args, *entry.tail)
     key = _tune_key(kernel, args, kwargs) if tuned else None
     config = _chosen.get(key) if tuned else None

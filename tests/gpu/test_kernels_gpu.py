@@ -154,6 +154,9 @@ def test_direct_launch_repeats_and_misaligned_inputs():
         run_case(torch.bfloat16, b=1, hq=4, m=300, n=300, d=64, causal=True, mask_shape=(1, 1, 300, 300), draw=draw)
     assert launch.stats["direct"] >= before + 4  # third forward and third backward's three launches
     run_case(torch.bfloat16, b=1, hq=4, m=300, n=300, d=64, causal=True, mask_shape=(1, 1, 300, 300), layout="offset", draw=3)
+    # Another batch size: a contiguous q has the same strides, so every kernel argument but the
+    # pointers is equal; only the grid differs, and it must not be the remembered one.
+    run_case(torch.bfloat16, b=3, hq=4, m=300, n=300, d=64, causal=True, mask_shape=(1, 1, 300, 300), draw=4)
 
 
 def test_dropout_exact_mask_bf16():
