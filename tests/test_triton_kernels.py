@@ -385,6 +385,11 @@ def test_direct_launch_key_separates_what_triton_specializes():
     assert base != _arg_key((aligned, 16, 1, 0.5), {"CAUSAL": False})
     assert base != _arg_key((None, 16, 1, 0.5), {"CAUSAL": True})
     assert base == _arg_key((aligned_too, 16, 1, 0.25), {"CAUSAL": True})
+    # equal under ==, different to Triton: bool vs int, a float vs None, swapped keyword values
+    assert _arg_key((aligned, True), {}) != _arg_key((aligned, 1), {})
+    assert _arg_key((aligned, False), {}) != _arg_key((aligned, 0), {})
+    assert _arg_key((aligned, 0.5), {}) != _arg_key((aligned, None), {})
+    assert _arg_key((aligned,), {"A": 1, "B": 2}) != _arg_key((aligned,), {"B": 1, "A": 2})
 
 
 def test_direct_launch_enabled_without_launch_hooks(monkeypatch):

@@ -3,16 +3,18 @@
 A launch goes one of three ways (`launch`):
 
 1. **Direct.** Once a kernel has run for a given set of non-tensor arguments (sizes, strides,
-   flags: compared by value) and tensor dtypes and 16-byte alignments, the compiled kernel,
-   its grid and its constexpr tail are remembered, and later launches call the compiled
+   flags) and tensor dtypes and 16-byte alignments, the compiled kernel, its constexpr tail
+   and the meta-parameters its grid reads are remembered, and later launches call the compiled
    kernel's launcher (`CompiledKernel.run`) themselves. That skips Triton's per-call work:
    argument binding and specialization, the cache-key hash, the autotuner's bookkeeping and
-   the heuristics. The key compares every int, bool and string by value and every tensor by
+   the heuristics. The key compares every int, bool and string by type and value and every tensor by
    (dtype, data_ptr % 16 == 0, device), so it is at least as fine as Triton's own
    specialization (ints equal to 1, ints divisible by 16, i32 / i64 ranges, pointer
    alignment): a hit always launches the binary Triton would have picked. Floats are runtime
    fp32 arguments and are not part of the key. The grid is evaluated on every launch (it may
-   depend on sizes that are not kernel arguments, such as the batch).
+   depend on sizes that are not kernel arguments, such as the batch). Not re-checked per
+   launch, unlike Triton's path: changes to Triton's runtime knobs (TRITON_DEBUG,
+   instrumentation) made after a kernel's first launches.
 2. **Chosen.** The autotuner has chosen a config for this autotune key: run that config
    through Triton's `JITFunction.run` (which compiles on a new specialization), and remember
    the direct entry.
@@ -23,14 +25,16 @@ A launch goes one of three ways (`launch`):
 NB: on an H100 (triton 3.6, torch 2.11) the backward launcher cost 434 us of host time for
 its three launches and the forward 129 us (benchmarks/launch_overhead.py, 2026-11-22), while
 the N=1024 causal kernels take 230 us (forward) and 730 us (backward): small attention calls
-were host-bound. The direct path is off under TRITON_INTERPRET=1 and when Triton launch
-hooks are installed (profilers): then every launch takes path 2 or 3.
+were host-bound; after this module: 97 us and 170 us. The direct path is off under
+TRITON_INTERPRET=1, with FLASHFUSE_DIRECT_LAUNCH=0, and when Triton launch hooks are
+installed (profilers): then every launch takes path 2 or 3.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any, Dict, Optional
 
 from torch import Tensor
@@ -53,6 +57,7 @@ _key_index: Dict[int, tuple] = {}
 # (kernel, argument key) -> _Direct
 _direct: Dict[tuple, "_Direct"] = {}
 _MAX_DIRECT = 4096
+_autotune_lock = threading.RLock()
 
 
 class _Direct:
@@ -64,9 +69,10 @@ class _Direct:
     so each launch evaluates the caller's grid function again.
     """
 
-    __slots__ = ("run", "function", "metadata", "meta", "tail")
+    __slots__ = ("compiled", "run", "function", "metadata", "meta", "tail")
 
     def __init__(self, compiled, meta, tail):
+        self.compiled = compiled  # newer Triton unloads a kernel's module when this object is freed
         self.run = compiled.run
         self.function = compiled.function
         self.metadata = getattr(compiled, "packed_metadata", None) or compiled.metadata
@@ -80,11 +86,14 @@ def _grid3(grid, meta) -> tuple:
 
 
 def _arg_key(args: tuple, kwargs: dict) -> tuple:
-    # see the module docstring: at least as fine as Triton's specialization of each argument
+    # see the module docstring: at least as fine as Triton's specialization of each argument.
+    # Non-tensors carry their type: True == 1 and False == 0 hash alike, but Triton compiles a
+    # bool, the constant 1 and an int divisible by 16 differently; a float (a runtime fp32) and
+    # None (a constant) must not match either.
     return (
-        tuple([(a.dtype, a.data_ptr() & 15 == 0, a.device.index) if isinstance(a, Tensor) else (None if type(a) is float else a)
-               for a in args]),
-        tuple(kwargs.values()),
+        tuple([(a.dtype, a.data_ptr() & 15 == 0, a.device.index) if isinstance(a, Tensor)
+               else (float,) if type(a) is float else (type(a), a) for a in args]),
+        tuple([(k, type(a), a) for k, a in kwargs.items()]),
     )
 
 
@@ -184,7 +193,8 @@ def launch(kind: str, kernel, grid, *args, **kwargs):
             _remember(dkey, kernel, compiled, config, grid, args, kwargs)
         return compiled
     stats["autotune"] += 1
-    return _autotune(kind, kernel, grid, key, args, kwargs)
+    with _autotune_lock:  # the config read back from kernel.best_config must be this launch's
+        return _autotune(kind, kernel, grid, key, args, kwargs)
 
 
 def _autotune(kind: str, kernel, grid, key, args: tuple, kwargs: dict):
