@@ -21,6 +21,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--attn", default="eager", choices=("eager", "sdpa"), help="HF attn_implementation (sdpa + --backend inductor: the peer)")
     args = p.parse_args()
 
     import transformers
@@ -29,7 +30,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)  # kernel fallbacks are logged as warnings
 
-    cfg = transformers.GPT2Config(n_layer=args.layers, n_positions=args.seq, attn_implementation="eager",
+    cfg = transformers.GPT2Config(n_layer=args.layers, n_positions=args.seq, attn_implementation=args.attn,
                                   attn_pdrop=args.dropout, resid_pdrop=args.dropout, embd_pdrop=args.dropout)
     model = transformers.GPT2LMHeadModel(cfg).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
