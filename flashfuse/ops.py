@@ -243,5 +243,4 @@ def call_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
         extra = {"block_layout": block_layout} if block_layout is not None else {}
         return torch.ops.flashfuse.attention(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, True, kernel,
                                              **extra)[0]
-    resolve_kernel(kernel, q.device)  # unknown names raise here, as the op does
     return _EagerAttention.apply(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, kernel, block_layout)
