@@ -22,6 +22,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--attn", default="eager", choices=("eager", "sdpa"), help="HF attn_implementation (sdpa + --backend inductor: the peer)")
+    p.add_argument("--stacks", default="", help="comma-separated op names (aten::arange,...): print the Python stacks that call them")
+    p.add_argument("--sync-debug", action="store_true", help="one step under torch.cuda.set_sync_debug_mode('warn'): prints every host sync")
     args = p.parse_args()
 
     import transformers
@@ -54,7 +56,14 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / args.steps * 1e3
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    if args.sync_debug:
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    stack_ops = {n for n in args.stacks.split(",") if n}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                with_stack=bool(stack_ops)) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
@@ -66,8 +75,26 @@ def main() -> None:
     from flashfuse.kernels import launch
 
     print("flashfuse counters:", dict(counters["flashfuse"]), "launch paths:", launch.stats)
+    print("dynamo counters:", {k: dict(counters[k]) for k in ("stats", "graph_break", "recompiles") if counters[k]})
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    if stack_ops:
+        _print_stacks(prof, stack_ops, args.steps)
+
+
+def _print_stacks(prof, names: set, steps: int) -> None:
+    """Calls per step of each named op, grouped by the innermost Python frames that issued them."""
+    import collections
+
+    by_stack = collections.Counter()
+    for e in prof.events():
+        if e.name in names:
+            frames = [f for f in e.stack if "torch/profiler" not in f][:8]
+            by_stack[(e.name, tuple(frames))] += 1
+    for (name, frames), count in by_stack.most_common(12):
+        print(f"--- {name}: {count / steps:.1f} calls/step")
+        for f in frames:
+            print("      ", f)
 
 
 if __name__ == "__main__":
