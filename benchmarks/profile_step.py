@@ -63,12 +63,15 @@ def main() -> None:
         torch.cuda.synchronize()
     stack_ops = {n for n in args.stacks.split(",") if n}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-                                with_stack=bool(stack_ops)) as prof:
+                                with_stack=bool(stack_ops),
+                                # Python frames reach FunctionEvent.stack only in verbose mode
+                                experimental_config=torch._C._profiler._ExperimentalConfig(verbose=bool(stack_ops))) as prof:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
+    # kernels only: aten ops' self device time repeats their kernels'
+    gpu_ms = sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / args.steps
     print(f"{args.backend}: {wall:.1f} ms/step wall, GPU busy {gpu_ms:.1f} ms/step, layers={args.layers}")
     from torch._dynamo.utils import counters
 
@@ -89,7 +92,7 @@ def _print_stacks(prof, names: set, steps: int) -> None:
     by_stack = collections.Counter()
     for e in prof.events():
         if e.name in names:
-            frames = [f for f in e.stack if "torch/profiler" not in f][:8]
+            frames = [f for f in e.stack if "torch/profiler" not in f][:10]
             by_stack[(e.name, tuple(frames))] += 1
     for (name, frames), count in by_stack.most_common(12):
         print(f"--- {name}: {count / steps:.1f} calls/step")
