@@ -80,6 +80,16 @@ def _version(mod: str) -> Optional[str]:
         return None
 
 
+def _dist_version(dist: str) -> Optional[str]:
+    # from the package metadata: importing transformers/timm pulls in torchvision
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def env_info(device: str) -> dict:
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -94,6 +104,8 @@ def env_info(device: str) -> dict:
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "flashfuse": _version("flashfuse"),
+        "transformers": _dist_version("transformers"),  # model code decides what reaches the pass
+        "timm": _dist_version("timm"),
         "argv": sys.argv,
     }
     if device == "cuda" and torch.cuda.is_available():

@@ -68,10 +68,16 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(HERE, "results", "model_table.md"))
     parser.add_argument("--models", default="", help="comma-separated names from tests/models.py (default: all)")
+    parser.add_argument("--explain", action="store_true", help="print each model's full explain report (train mode, dropout 0.1) too")
     args = parser.parse_args(argv)
     wanted = [m for m in args.models.split(",") if m]
     cases = [c for c in models.CASES if not wanted or c.name in wanted]
     warnings.filterwarnings("ignore")
+    print(_versions(), flush=True)
+    if args.explain:
+        for case in cases:
+            torch._dynamo.reset()
+            print(f"=== {case.name}\n{_explain(case, 0.1, train=True)}", flush=True)
     rows = []
     for case in cases:
         torch._dynamo.reset()

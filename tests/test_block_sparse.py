@@ -326,3 +326,62 @@ def test_no_cache_by_default_so_unversioned_writes_are_seen(monkeypatch):
     second = bs.cache.get(keep, BM, BN)
     assert bs.cache.hits == 0
     assert (first != bs.EMPTY).any() and (second == bs.EMPTY).all()
+
+
+# -- the Triton list kernels (block_lists_triton) against the torch oracle, element for element --
+
+def _torch_lists(t, block, m, n, causal, finite_fill):
+    summary = bs.summarize(t, block, block)
+    if finite_fill:
+        summary = bs._demote_empty(summary)
+    return bs.pack_lists(summary, block, m, n, causal)
+
+
+LIST_CASES = {
+    # name: (tensor builder, M, N); the block is 32 so small tensors span several blocks
+    "sliding_window": (lambda: mp.sliding_window(130, 130, window=40)[None, None], 130, 130),
+    "document": (lambda: mp.document([30, 50, 1, 49])[None, None], 130, 130),
+    "prefix_lm": (lambda: mp.prefix_lm(97, 97, prefix=33)[None, None], 97, 97),
+    "random_blocks_cross": (lambda: mp.random_blocks(70, 161, 32, 32, density=0.4, seed=4)[None, None], 70, 161),
+    "padding_rows_bcast": (lambda: mp.padding([5, 64, 33], 70), 45, 70),                # [B, 1, 1, N]
+    "expanded_heads": (lambda: mp.document([40, 60])[None, None].expand(2, 3, 100, 100), 100, 100),
+    "per_head_random": (lambda: torch.rand(2, 3, 64, 96) > 0.97, 64, 96),
+    "bias_neg_inf_blocks": (lambda: _bias_with_blocks(), 90, 100),
+    "bias_row_bcast": (lambda: _bias_with_blocks()[:, :, :1], 90, 100),
+}
+
+
+def _bias_with_blocks():
+    bias = torch.randn(1, 2, 90, 100).to(torch.bfloat16)
+    bias[:, :, :, 64:] = float("-inf")   # EMPTY key blocks
+    bias[:, 0, :32, :32] = 0.0           # one FULL tile
+    bias[:, 1, 40:, :] = float("-inf")   # fully masked rows in head 1
+    return bias
+
+
+@pytest.mark.parametrize("finite_fill", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", sorted(LIST_CASES))
+def test_triton_kernel_lists_match_torch(name, causal, finite_fill):
+    build, m, n = LIST_CASES[name]
+    t = build()
+    if causal and m != n:
+        pytest.skip("causal lists are square here")
+    want = _torch_lists(t, 32, m, n, causal, finite_fill)
+    got = bs._kernel_lists_triton(t, 32, m, n, causal, finite_fill)
+    torch.testing.assert_close(got.summary, want.summary, rtol=0, atol=0)
+    torch.testing.assert_close(got.kv, want.kv, rtol=0, atol=0)
+    torch.testing.assert_close(got.q, want.q, rtol=0, atol=0)
+    assert got.density == pytest.approx(want.density)
+
+
+def test_kernel_lists_take_the_triton_path_under_the_interpreter(monkeypatch):
+    # kernel_lists (what the attention launchers call) must use the list kernels, not the torch ops
+    calls = []
+    real = bs._kernel_lists_triton
+    monkeypatch.setattr(bs, "_kernel_lists_triton", lambda *a: calls.append(a) or real(*a))
+    keep = mp.sliding_window(100, 100, window=30)[None, None]
+    got = bs.kernel_lists(None, keep, None, 32, 100, 100, causal=True, finite_fill=False)
+    assert len(calls) == 1
+    want = _torch_lists(keep, 32, 100, 100, True, False)
+    torch.testing.assert_close(got.kv, want.kv, rtol=0, atol=0)

@@ -244,13 +244,19 @@ class KernelLists:
 
     kv: Tensor
     q: Tensor
-    summary: Tensor
+    summary: Tensor  # mask, bias and layout combined, before the causal cut
     block: int
+    causal: bool = False
 
     @property
     def density(self) -> float:
         """Fraction of (batch, head, query block, key block) tiles that are not EMPTY."""
-        return float((self.summary != EMPTY).float().mean())
+        nonempty = self.summary != EMPTY
+        if self.causal:
+            mb, nb = self.summary.shape[-2:]
+            above = torch.arange(nb, device=self.summary.device)[None, :] > torch.arange(mb, device=self.summary.device)[:, None]
+            nonempty = nonempty & ~above
+        return float(nonempty.float().mean())
 
 
 def _compact(sel: Tensor):
@@ -272,7 +278,7 @@ def pack_lists(summary: Tensor, block: int, m: int, n: int, causal: bool) -> Ker
     mb, nb = _cdiv(m, block), _cdiv(n, block)
     if summary.shape[-1] != nb or summary.shape[-2] not in (1, mb):
         raise ValueError(f"flashfuse: block summary {tuple(summary.shape)} does not tile [{m}, {n}] in blocks of {block}")
-    summary = summary.expand(*summary.shape[:2], mb, nb)
+    summary = given = summary.expand(*summary.shape[:2], mb, nb)
     r = torch.arange(mb, device=summary.device)[:, None]
     c = torch.arange(nb, device=summary.device)[None, :]
     if causal:
@@ -285,7 +291,7 @@ def pack_lists(summary: Tensor, block: int, m: int, n: int, causal: bool) -> Ker
         q_main = (r < m // block).expand(mb, nb)
     kv = _pack(summary, kv_main)
     q = _pack(summary.transpose(-2, -1), q_main.transpose(0, 1))
-    return KernelLists(kv=kv, q=q, summary=summary, block=block)
+    return KernelLists(kv=kv, q=q, summary=given, block=block, causal=causal)
 
 
 def _demote_empty(summary: Tensor) -> Tensor:
@@ -333,10 +339,52 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
         return None
 
     def build():
-        summary = combine(*(cache.get(t, block, block) for t in (bias, mask) if t is not None))
+        given = [t for t in (bias, mask) if t is not None]
+        if _on_triton(*given, layout) and layout is None and len(given) == 1 and not caching():
+            # the common call (one mask or one bias): one summary kernel, two pack kernels
+            return _kernel_lists_triton(given[0], block, m, n, causal, finite_fill)
+        summary = combine(*(cache.get(t, block, block) for t in given))
         if summary is not None and finite_fill:
             summary = _demote_empty(summary)
         summary = combine(summary, layout)
+        if _on_triton(summary):
+            return _pack_lists_triton(summary, block, m, n, causal)
         return pack_lists(summary, block, m, n, causal)
 
     return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill)), build)
+
+
+def _on_triton(*tensors: Optional[Tensor]) -> bool:
+    # the Triton list kernels run where the attention kernels do: CUDA, or the interpreter
+    present = [t for t in tensors if t is not None]
+    return bool(present) and all(t.is_cuda or (t.device.type == "cpu" and _interpreting()) for t in present)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernel_lists_triton(t: Tensor, block: int, m: int, n: int, causal: bool, finite_fill: bool) -> KernelLists:
+    from flashfuse.kernels import block_lists_triton
+
+    t = _collapse_expanded(t)
+    tm, tn = t.shape[-2:]
+    summary = torch.empty((t.shape[0], t.shape[1], _cdiv(tm, block) if tm > 1 else 1, _cdiv(tn, block)), dtype=torch.int8, device=t.device)
+    block_lists_triton.summarize(t, block, summary, demote_empty=finite_fill)
+    return _pack_lists_triton(summary, block, m, n, causal)
+
+
+def _pack_lists_triton(summary: Tensor, block: int, m: int, n: int, causal: bool) -> KernelLists:
+    """pack_lists computed by two Triton kernels (block_lists_triton.pack); same KernelLists."""
+    from flashfuse.kernels import block_lists_triton
+
+    mb, nb = _cdiv(m, block), _cdiv(n, block)
+    if summary.shape[-1] != nb or summary.shape[-2] not in (1, mb):
+        raise ValueError(f"flashfuse: block summary {tuple(summary.shape)} does not tile [{m}, {n}] in blocks of {block}")
+    summary = summary.expand(*summary.shape[:2], mb, nb)
+    bs, hs = summary.shape[:2]
+    kv = torch.empty((bs, hs, mb, 2 + 3 * nb), dtype=torch.int32, device=summary.device)
+    q = torch.empty((bs, hs, nb, 2 + 3 * mb), dtype=torch.int32, device=summary.device)
+    block_lists_triton.pack(summary, kv, n // block, causal, q_lists=False)
+    block_lists_triton.pack(summary, q, m // block, causal, q_lists=True)
+    return KernelLists(kv=kv, q=q, summary=summary, block=block, causal=causal)

@@ -224,6 +224,22 @@ def test_block_sparse_explicit_layout_gqa_bf16():
              block_layout=layout_summary(layout.to(DEV), 1, 8, 4096, 4096), dense=dense)
 
 
+@pytest.mark.parametrize("name", sorted(SPARSE_PATTERNS))
+def test_block_lists_kernels_match_torch(name):
+    # the launchers' GPU list kernels against block_sparse's torch ops, bit for bit, at N=4096
+    from flashfuse.kernels import block_sparse as bs
+
+    make, causal = SPARSE_PATTERNS[name]
+    keep = make()[None, None].to(DEV)
+    bias = torch.where(keep, 0.0, float("-inf")).to(torch.bfloat16).expand(2, 4, -1, -1)  # stride-0 broadcast
+    for t, finite in ((keep, False), (keep, True), (bias, False)):
+        got = bs._kernel_lists_triton(t, 128, 4096, 4096, causal, finite)
+        summary = bs.summarize(t, 128, 128)
+        want = bs.pack_lists(bs._demote_empty(summary) if finite else summary, 128, 4096, 4096, causal)
+        for a, b in ((got.summary, want.summary), (got.kv, want.kv), (got.q, want.q)):
+            assert torch.equal(a, b), name
+
+
 # -- Philox bit-exactness at size ---------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [3, 2**33 + 11, -77])
