@@ -71,3 +71,45 @@ def test_structure_proves_causal(build, causal):
     rows = slice(N - 64, N)  # compare a slice: the full N x N oracle in fp32 is 64 MiB, fine, but slow
     want = attn(q, k, v)
     torch.testing.assert_close(report.result[..., rows, :], want[..., rows, :], rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+# HF transformers 5.x (masking_utils.sdpa_mask + eager_mask, no padding): index tensors offset
+# by the cache position, laid out 4-D, compared, expanded over the batch, then made additive
+# with finfo.min. At B=2, N=2048 the mask has 8.4M elements: past the folding limit.
+HF_N = 2048
+
+
+def _hf_mask(n, batch, device, q_offset=0, fill=torch.finfo(torch.float32).min, zero=0.0, expand_batch=None):
+    q_idx = (torch.arange(n, device=device) + q_offset)[None, None, :, None]
+    kv_idx = (torch.arange(n, device=device) + 0)[None, None, None, :]
+    keep = (kv_idx <= q_idx).expand(expand_batch or batch, -1, n, n)
+    return torch.where(keep, torch.tensor(zero, device=device, dtype=torch.float32), fill)
+
+
+@pytest.mark.parametrize(
+    "variant, causal",
+    [
+        (dict(), True),
+        (dict(fill=-1e4), False),           # a fill that is not far below every score: exact only as a bias
+        (dict(q_offset=1), False),          # shifted diagonal: row i keeps keys <= i + 1
+        (dict(fill=1.0), False),            # a positive "fill" is no mask at all
+        (dict(zero=0.5), False),            # kept positions are shifted by 0.5: a bias
+        (dict(expand_batch=4), None),       # the mask widens the batch: never dropped for causal=True
+    ],
+)
+def test_hf5_additive_causal_mask_at_size(variant, causal):
+    def attn(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * 0.25 + _hf_mask(q.shape[-2], q.shape[0], q.device, **variant)
+        return torch.softmax(s, dim=-1) @ v
+
+    batch = 1 if variant.get("expand_batch") else 2
+    q, k, v = (torch.randn(batch, 1, HF_N, 16) for _ in range(3))
+    report = flashfuse.explain(attn, q, k, v, options=OPTS)
+    if causal is None:
+        assert not report.fused or not report.fused[0].spec.causal
+    else:
+        assert len(report.fused) == 1, report
+        assert report.fused[0].spec.causal is causal
+    rows = slice(HF_N - 64, HF_N)
+    want = attn(q, k, v)
+    torch.testing.assert_close(report.result[..., rows, :], want[..., rows, :], rtol=1e-4, atol=1e-5)

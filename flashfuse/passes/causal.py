@@ -53,12 +53,26 @@ def _index_kind(node: fx.Node, depth: int) -> Optional[str]:
         return None
     kind = classify(base, depth + 1)
     if kind in (ROW, COL):
-        # arange(M)[:, None] is a row index; arange(N)[None, :] (or plain) a column index
+        # arange(M)[:, None] is a row index; arange(N)[None, :] (or plain) a column index;
+        # HF writes arange(M)[None, None, :, None] and arange(N)[None, None, None, :]
         shape = _shape(node)
-        if shape is None or len(shape) != 2:
-            return kind if shape is not None and len(shape) == 1 else None
-        return ROW if shape[1] == 1 else COL if shape[0] == 1 else None
+        if shape is None:
+            return None
+        return _index_layout(shape)
     return kind
+
+
+def _index_layout(shape: tuple) -> Optional[str]:
+    """ROW for an index laid out [..., M, 1], COL for [..., 1, N] or [N]; None otherwise."""
+    if len(shape) == 1:
+        return COL
+    if any(str(d) != "1" for d in shape[:-2]):
+        return None
+    if str(shape[-1]) == "1" and str(shape[-2]) != "1":
+        return ROW
+    if str(shape[-2]) == "1":
+        return COL
+    return None
 
 
 def _arange_kind(node: fx.Node) -> Optional[str]:
@@ -80,10 +94,13 @@ def _view_kind(node: fx.Node, depth: int) -> Optional[str]:
         if len(shape) >= 2 and shape[-1] == 1 and shape[-2] != 1:
             return ROW
         return COL if shape[-1] != 1 or len(trailing) == 0 else None
-    # A triangle survives only views that add or drop leading size-1 dims.
+    # A triangle survives only views that add or drop leading size-1 dims, and expand(),
+    # which repeats it along leading dims (HF expands its [1, 1, M, N] mask over the batch).
     src, out = _shape(node.args[0]), _shape(node)
     if src is None or out is None or len(src) < 2 or len(out) < 2 or src[-2:] != out[-2:]:
         return None
+    if op_name(node) == "expand" and all(d == 1 for d in src[:-2]):
+        return kind
     if any(d != 1 for d in src[:-2]) or any(d != 1 for d in out[:-2]):
         return None
     return kind
@@ -139,6 +156,14 @@ def classify(node, depth: int = 0) -> Optional[str]:
             if (name == "ne" and node.args[1] == 0) or (name == "eq" and node.args[1] == 1):
                 return kind
         return None
+    if (target in (operator.add, torch.add) or name == "add") and len(node.args) == 2:
+        # HF offsets its indices by the cache position: `arange(M) + 0` is still arange(M)
+        a, b = node.args
+        if is_number(b) and b == 0 and isinstance(a, fx.Node):
+            return classify(a, depth + 1)
+        if is_number(a) and a == 0 and isinstance(b, fx.Node):
+            return classify(b, depth + 1)
+        return None
     if target is operator.sub and len(node.args) == 2 and _is_one(node.args[0]):
         return _FLIP.get(classify(node.args[1], depth + 1))
     if target in (operator.ge, torch.ge, operator.le, torch.le, operator.gt, torch.gt, operator.lt, torch.lt) or name in ("ge", "le", "gt", "lt"):
@@ -157,7 +182,10 @@ def _trailing_matches(node: fx.Node, scores_shape: tuple) -> bool:
     if shape is None or len(shape) < 2 or len(shape) > len(scores_shape):
         return False
     m, n = scores_shape[-2:]
-    return str(shape[-2]) == str(m) and str(shape[-1]) == str(n) and all(s == 1 for s in shape[:-2])
+    # leading dims of 1 or of the scores' own size: the term never widens the scores
+    lead, score_lead = shape[:-2], scores_shape[:-2][len(scores_shape) - len(shape):]
+    return str(shape[-2]) == str(m) and str(shape[-1]) == str(n) and all(
+        str(s) == "1" or str(s) == str(t) for s, t in zip(lead, score_lead))
 
 
 def is_causal(cond: fx.Node, keep: bool, scores_shape: tuple) -> bool:
@@ -169,4 +197,68 @@ def is_causal(cond: fx.Node, keep: bool, scores_shape: tuple) -> bool:
 
 def is_additive_causal(bias: fx.Node, scores_shape: tuple) -> bool:
     """True when an additive term is 0 on and below the diagonal and -inf above it."""
-    return _trailing_matches(bias, scores_shape) and classify(bias) == NEG_ABOVE
+    return additive_fill(bias, scores_shape) == float("-inf")
+
+
+def additive_fill(bias: fx.Node, scores_shape: tuple) -> Optional[float]:
+    """F when an additive term is 0 on and below the diagonal and the constant F < 0 above it.
+
+    -inf for `full(-inf).triu(1)`; F for HF's `where(kv <= q, 0, F)` (F = finfo.min), through
+    views, expand() over leading dims and casts (F is rounded to the cast's dtype).
+    """
+    if not _trailing_matches(bias, scores_shape):
+        return None
+    return _fill_of(bias, 0)
+
+
+def _fill_of(node, depth: int) -> Optional[float]:
+    if not isinstance(node, fx.Node) or depth > _MAX_DEPTH or node.op not in ("call_function", "call_method"):
+        return None
+    if classify(node, depth) == NEG_ABOVE:
+        return float("-inf")
+    name = op_name(node)
+    if node.target is torch.where or name == "where":
+        if len(node.args) != 3:
+            return None
+        cond, a, b = node.args
+        kind = classify(cond, depth + 1)
+        for keep_value, drop_value, want in ((a, b, KEEP), (b, a, DROP)):
+            if kind == want and _scalar(keep_value) == 0:
+                fill = _scalar(drop_value)
+                return _rounded(fill, node) if fill is not None and fill < 0 else None
+        return None
+    if name in ("view", "reshape", "unsqueeze", "expand", "contiguous"):
+        src, out = _shape(node.args[0]), _shape(node)
+        if src is None or out is None or len(src) < 2 or src[-2:] != out[-2:]:
+            return None
+        if name != "expand" and (any(d != 1 for d in src[:-2]) or any(d != 1 for d in out[:-2])):
+            return None
+        return _fill_of(node.args[0], depth + 1)
+    if node.op == "call_method" and node.target in ("to", "float", "half", "bfloat16", "type"):
+        fill = _fill_of(node.args[0], depth + 1)
+        out = val(node)
+        if fill is None or not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+            return None
+        return _rounded(fill, node)
+    return None
+
+
+def _rounded(fill: float, node: fx.Node) -> Optional[float]:
+    # F as the node's dtype holds it (finfo(float32).min is -inf in fp16)
+    out = val(node)
+    if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
+        return None
+    return float(torch.tensor(fill, dtype=torch.float64).to(out.dtype))
+
+
+def _scalar(x) -> Optional[float]:
+    """A Python number, or a 0-d in-graph constant (torch.tensor(0.0)), as a float."""
+    if is_number(x):
+        return float(x)
+    if isinstance(x, fx.Node):
+        from flashfuse.passes import constants
+
+        folded = constants.fold(x)
+        if isinstance(folded, torch.Tensor) and folded.numel() == 1:
+            return float(folded.reshape(()))
+    return None

@@ -120,8 +120,9 @@ def additive_causal_fill(bias: fx.Node, scores_shape: tuple) -> Optional[float]:
     """
     from flashfuse.passes import causal
 
-    if causal.is_additive_causal(bias, scores_shape):
-        return float("-inf")
+    fill = causal.additive_fill(bias, scores_shape)
+    if fill is not None:
+        return fill
     value = _folded_scores_term(bias, scores_shape)
     if value is None or not value.is_floating_point():
         return None
