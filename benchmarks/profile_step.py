@@ -1,6 +1,7 @@
 """Profile a few training steps of HF GPT-2 (eager attention) under a compiler: where does the time go?
 
     python benchmarks/profile_step.py --backend flashfuse --layers 4
+    python benchmarks/profile_step.py --backend flashfuse --model vit     # end_to_end.py's ViT-B/16
 Prints wall time per step, the GPU's busy time, and the top ops by self CUDA and self CPU time.
 """
 
@@ -16,6 +17,7 @@ import torch
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--backend", default="flashfuse")
+    p.add_argument("--model", default="gpt2", choices=("gpt2", "bert", "vit"), help="gpt2 (sized by the flags below) or an end_to_end model")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
@@ -32,16 +34,23 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)  # kernel fallbacks are logged as warnings
 
-    cfg = transformers.GPT2Config(n_layer=args.layers, n_positions=args.seq, attn_implementation=args.attn,
-                                  attn_pdrop=args.dropout, resid_pdrop=args.dropout, embd_pdrop=args.dropout)
-    model = transformers.GPT2LMHeadModel(cfg).cuda().train()
+    if args.model == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=args.layers, n_positions=args.seq, attn_implementation=args.attn,
+                                      attn_pdrop=args.dropout, resid_pdrop=args.dropout, embd_pdrop=args.dropout)
+        model = transformers.GPT2LMHeadModel(cfg).cuda().train()
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda")
+        data, loss_fn = {"input_ids": ids, "labels": ids}, (lambda m, d: m(**d).loss)
+    else:  # the end-to-end suite's model, full size (--layers, --seq, --dropout do not apply)
+        import end_to_end
+
+        model, data, loss_fn, _ = end_to_end.build(args.model, args.attn, False, "cuda", None)
+        model = model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     compiled = torch.compile(model, backend=args.backend)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(ids, labels=ids).loss
+            loss = loss_fn(compiled, data)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

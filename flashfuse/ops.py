@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from flashfuse.kernels import reference
+from flashfuse.kernels import block_sparse, reference
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,9 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, kernel, block_layout):
         _check(q, k, v, bias, mask, gqa_group)
-        out, m, log_l = _run(kernel, q.device, False, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed,
-                             gqa_group, mask_value, block_layout)
+        with block_sparse.eager_call():
+            out, m, log_l = _run(kernel, q.device, False, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed,
+                                 gqa_group, mask_value, block_layout)
         ctx.save_for_backward(q, k, v, bias, mask, seed, out, m, log_l, block_layout)
         ctx.args = (scale, causal, dropout_p, gqa_group, mask_value, kernel)
         return out
@@ -230,8 +231,9 @@ class _EagerAttention(torch.autograd.Function):
         q, k, v, bias, mask, seed, out, m, log_l, block_layout = ctx.saved_tensors
         scale, causal, dropout_p, gqa_group, mask_value, kernel = ctx.args
         needs_dbias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _run(kernel, q.device, False, "attention_backward", dout, q, k, v, bias, mask, out, m, log_l, scale,
-                                 causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, block_layout)
+        with block_sparse.eager_call():
+            dq, dk, dv, dbias = _run(kernel, q.device, False, "attention_backward", dout, q, k, v, bias, mask, out, m, log_l, scale,
+                                     causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, block_layout)
         return (dq, dk, dv, dbias if needs_dbias else None) + (None,) * 9
 
 

@@ -317,8 +317,10 @@ def test_cache_hits_for_fresh_views_of_one_mask(monkeypatch):
 
 def test_no_cache_by_default_so_unversioned_writes_are_seen(monkeypatch):
     # Compiled graphs write buffers without moving version counters (Inductor reuses a dead
-    # mask's buffer for the next mask). `.data` writes do the same here: the summary must follow.
+    # mask's buffer for the next mask). `.data` writes do the same here: outside eager
+    # flashfuse.attention calls (the op as compiled graphs call it) the summary must follow.
     monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    assert not bs.caching()
     bs.cache.clear()
     keep = mp.causal(64, 64)[None, None].clone()
     first = bs.cache.get(keep, BM, BN)
@@ -348,6 +350,7 @@ LIST_CASES = {
     "per_head_random": (lambda: torch.rand(2, 3, 64, 96) > 0.97, 64, 96),
     "bias_neg_inf_blocks": (lambda: _bias_with_blocks(), 90, 100),
     "bias_row_bcast": (lambda: _bias_with_blocks()[:, :, :1], 90, 100),
+    "wide_random": (lambda: torch.rand(1, 2, 40, 600) > 0.995, 40, 600),  # 19 key blocks: several summary programs per row
 }
 
 
@@ -385,3 +388,30 @@ def test_kernel_lists_take_the_triton_path_under_the_interpreter(monkeypatch):
     assert len(calls) == 1
     want = _torch_lists(keep, 32, 100, 100, True, False)
     torch.testing.assert_close(got.kv, want.kv, rtol=0, atol=0)
+
+
+def test_eager_calls_cache_lists_until_the_mask_changes(monkeypatch):
+    # flashfuse.attention run eagerly: one mask shared by "every layer" is summarized once, an
+    # in-place write (version counter) makes the next call summarize again, and the output
+    # follows the new mask. FLASHFUSE_MASK_CACHE=0 turns the cache off.
+    import flashfuse
+
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    bs.kernel_list_cache.clear()
+    builds = []
+    real = bs._kernel_lists_triton
+    monkeypatch.setattr(bs, "_kernel_lists_triton", lambda *a: builds.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 100, 16, generator=gen) for _ in range(3))
+    keep = mp.sliding_window(100, 100, window=30)[None, None].clone()
+    for _ in range(3):
+        out = flashfuse.attention(q, k, v, mask=keep, kernel="triton")
+    assert len(builds) == 1
+    keep[..., :50, :] = True  # an in-place write: version counter moves
+    out = flashfuse.attention(q, k, v, mask=keep, kernel="triton")
+    assert len(builds) == 2
+    want, _ = oracle.attention(q.double(), k.double(), v.double(), None, keep, 16 ** -0.5, False)
+    torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)
+    monkeypatch.setenv(bs.CACHE_ENV, "0")
+    flashfuse.attention(q, k, v, mask=keep, kernel="triton")
+    assert len(builds) == 3

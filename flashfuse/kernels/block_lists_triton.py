@@ -46,27 +46,31 @@ def _summary_kernel(
     stride_oz, stride_oh, stride_om, stride_on,
     heads, m_len, n_len, n_blocks,
     IS_BOOL: tl.constexpr, DEMOTE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COLS_PER_PROGRAM: tl.constexpr,
 ):
     row = tl.program_id(0)
-    zh = tl.program_id(1)
+    c_first = tl.program_id(1) * COLS_PER_PROGRAM
+    zh = tl.program_id(2)
     z = zh // heads
     h = zh % heads
+    # int64 offsets: a [64K, 64K] mask has 2^32 elements
     offs_m = row * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     in_m = offs_m < m_len
     rows_valid = tl.minimum(m_len - row * BLOCK_M, BLOCK_M)
-    base = t_ptr + z * stride_tz + h * stride_th + offs_m[:, None] * stride_tm
-    out_base = out_ptr + z * stride_oz + h * stride_oh + row * stride_om
-    for c in range(0, n_blocks):
+    base = t_ptr + z.to(tl.int64) * stride_tz + h.to(tl.int64) * stride_th + offs_m.to(tl.int64)[:, None] * stride_tm
+    out_base = out_ptr + z.to(tl.int64) * stride_oz + h.to(tl.int64) * stride_oh + row.to(tl.int64) * stride_om
+    for c in range(c_first, tl.minimum(c_first + COLS_PER_PROGRAM, n_blocks)):
         cols = c * BLOCK_N + offs_n
         inb = in_m[:, None] & (cols[None, :] < n_len)
         valid = rows_valid * tl.minimum(n_len - c * BLOCK_N, BLOCK_N)
+        ptrs = base + cols.to(tl.int64)[None, :] * stride_tn
         if IS_BOOL:
-            kept = tl.sum(tl.sum(tl.load(base + cols[None, :] * stride_tn, mask=inb, other=0).to(tl.int32), 1), 0)
+            kept = tl.sum(tl.sum(tl.load(ptrs, mask=inb, other=0).to(tl.int32), 1), 0)
             empty = kept == 0
             full = kept == valid
         else:
-            x = tl.load(base + cols[None, :] * stride_tn, mask=inb, other=float("-inf")).to(tl.float32)
+            x = tl.load(ptrs, mask=inb, other=float("-inf")).to(tl.float32)
             n_neg_inf = tl.sum(tl.sum((x == float("-inf")).to(tl.int32), 1), 0)
             n_zero = tl.sum(tl.sum(((x == 0.0) & inb).to(tl.int32), 1), 0)
             empty = n_neg_inf == BLOCK_M * BLOCK_N  # the ragged edge is padded with -inf, as in block_sparse._tiles
@@ -94,7 +98,8 @@ def _pack_kernel(
     h = zh % heads
     idx = tl.arange(0, BLOCK_L)
     valid = idx < n_entries
-    status = tl.load(s_ptr + z * stride_sz + h * stride_sh + row * stride_srow + idx * stride_sent, mask=valid, other=EMPTY).to(tl.int32)
+    status = tl.load(s_ptr + z.to(tl.int64) * stride_sz + h.to(tl.int64) * stride_sh + row * stride_srow + idx * stride_sent,
+                     mask=valid, other=EMPTY).to(tl.int32)
     if Q_LISTS:
         r = idx
         c = row
@@ -113,7 +118,7 @@ def _pack_kernel(
             main = c < tl.minimum(r, main_limit)
         else:
             main = c < main_limit
-    out = out_ptr + z * stride_oz + h * stride_oh + row * stride_orow
+    out = out_ptr + z.to(tl.int64) * stride_oz + h.to(tl.int64) * stride_oh + row * stride_orow
     _compact(out, out + 2, idx, valid, valid & main & (status == PARTIAL))
     _compact(out + 1, out + 2 + n_entries, idx, valid, valid & main & (status == FULL))
     tl.store(out + 2 + 2 * n_entries + idx, status, mask=valid)
@@ -129,15 +134,23 @@ def _compact(count_ptr, list_ptr, idx, valid, sel):
     tl.store(list_ptr + pos, idx, mask=valid)
 
 
+# Key blocks one summary program walks. NB: on an H100 a whole row of key blocks per program
+# (128 programs at N=16K) took ~0.3 ms per [16K, 16K] bool mask (block_sparse_20261122-055231:
+# flashfuse_op vs flashfuse_layout), several times the 268 MB read at memory bandwidth.
+COLS_PER_PROGRAM = 8
+
+
 def summarize(t, block: int, out, demote_empty: bool = False) -> None:
     """Fill `out` [Bs, Hs, Mb|1, Nb] int8 with the summary of a 4-D bool mask or additive bias
     whose stride-0 dims were already collapsed to size 1 (block_sparse._collapse_expanded)."""
     bs, hs, m, n = t.shape
     block_m = block if m > 1 else 16  # a row-broadcast bias: one valid row, masked tile
-    grid = (out.shape[2], bs * hs)
+    nb = out.shape[3]
+    grid = (out.shape[2], -(-nb // COLS_PER_PROGRAM), bs * hs)
     _launch(
-        "block_summary", _summary_kernel, grid, t, out, *t.stride(), *out.stride(), hs, m, n, out.shape[3],
+        "block_summary", _summary_kernel, grid, t, out, *t.stride(), *out.stride(), hs, m, n, nb,
         IS_BOOL=t.dtype == torch.bool, DEMOTE_EMPTY=bool(demote_empty), BLOCK_M=block_m, BLOCK_N=block,
+        COLS_PER_PROGRAM=COLS_PER_PROGRAM,
     )
 
 

@@ -23,8 +23,10 @@ left to the kernels' bounds-checked tail), cached like the summaries.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -189,20 +191,40 @@ def _owner(t: Tensor) -> Tensor:
 
 
 CACHE_ENV = "FLASHFUSE_MASK_CACHE"
+_eager = threading.local()
+
+
+@contextlib.contextmanager
+def eager_call():
+    """Marks a call from `flashfuse.attention` / `block_sparse_attention` run eagerly (ops._EagerAttention)."""
+    before = getattr(_eager, "on", False)
+    _eager.on = True
+    try:
+        yield
+    finally:
+        _eager.on = before
 
 
 def caching() -> bool:
-    """Reuse summaries across calls only when asked (FLASHFUSE_MASK_CACHE=1), never in a capture.
+    """Reuse summaries across calls: by default for eager calls only, never in a CUDA graph capture.
+
+    FLASHFUSE_MASK_CACHE=1 turns the cache on for every call, =0 off for every call.
 
     The key (owner, storage, strides, version counter) proves a tensor unchanged only for writes
     that go through PyTorch's dispatcher. Inductor's generated kernels write buffers through raw
     pointers, and its memory planner hands a dead mask's buffer, same Python object and all, to
     the next mask of the same shape (per-layer sliding windows, masks recomputed in the
-    backward): a cached summary would then skip the wrong blocks. So by default every call
-    summarizes its mask afresh (one read of the mask); users who pass the same unchanged mask
-    tensor to every layer, outside compiled graphs, can turn the cache on.
+    backward): a cached summary would then skip the wrong blocks. So calls from compiled graphs
+    summarize their mask afresh (one read of the mask, three kernel launches). Eager callers
+    pass their own tensors, whose in-place writes move the version counter; writes that do not
+    (through `.data`, or a raw pointer handed to another library) need FLASHFUSE_MASK_CACHE=0.
     """
-    return os.environ.get(CACHE_ENV) == "1" and not _capturing()
+    if _capturing():
+        return False
+    env = os.environ.get(CACHE_ENV, "")
+    if env in ("0", "1"):
+        return env == "1"
+    return getattr(_eager, "on", False)
 
 
 def _capturing() -> bool:
@@ -340,7 +362,7 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
 
     def build():
         given = [t for t in (bias, mask) if t is not None]
-        if _on_triton(*given, layout) and layout is None and len(given) == 1 and not caching():
+        if _on_triton(*given, layout) and layout is None and len(given) == 1:
             # the common call (one mask or one bias): one summary kernel, two pack kernels
             return _kernel_lists_triton(given[0], block, m, n, causal, finite_fill)
         summary = combine(*(cache.get(t, block, block) for t in given))

@@ -240,6 +240,21 @@ def test_block_lists_kernels_match_torch(name):
             assert torch.equal(a, b), name
 
 
+def test_block_lists_kernels_int64_offsets():
+    # a mask view whose row offsets pass 2^31 elements (4096 rows x 2^20 + 128 stride): the
+    # summary kernel must address it with 64-bit offsets (int32 ones crashed at N=64K)
+    from flashfuse.kernels import block_sparse as bs
+
+    big = torch.zeros(4096, 2**20 + 128, dtype=torch.bool, device=DEV)
+    keep = big[:, :4096]
+    keep.copy_(mp.sliding_window(4096, 4096, window=300).to(DEV))
+    keep4 = keep[None, None]
+    got = bs._kernel_lists_triton(keep4, 128, 4096, 4096, True, False)
+    want = bs.pack_lists(bs.summarize(keep4, 128, 128), 128, 4096, 4096, True)
+    assert torch.equal(got.kv, want.kv) and torch.equal(got.q, want.q)
+    del big
+
+
 # -- Philox bit-exactness at size ---------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [3, 2**33 + 11, -77])
