@@ -76,6 +76,11 @@ def _hf_model(cls, cfg, attn: str):
 
 
 def _quiet_transformers():
+    # A CUDA torchvision wheel beside a CPU torch breaks `import transformers` (tests/models.py)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import models
+
+    models._torchvision_shim()
     import transformers
 
     try:
@@ -155,6 +160,14 @@ def build(name: str, attn: str, tiny: bool, device: str, batch: int | None):
 # --------------------------------------------------------------------------------------------
 # one (model, variant) cell
 
+def _launch_paths() -> dict:
+    try:
+        from flashfuse.kernels import launch
+    except ImportError:
+        return {}
+    return dict(launch.stats)
+
+
 def _counter_totals():
     from torch._dynamo.utils import counters
 
@@ -231,11 +244,14 @@ def measure(name, variant, impl, attn, compiler, args, runner_budget: Budget, ti
                 refused = common.flashfuse_refusals()
                 if refused:
                     row["flashfuse_counters"] = refused
+            launches0 = _launch_paths()
             t0 = time.perf_counter()
             for _ in range(steps):
                 loss = step()
             sync(dev)
             step_s = (time.perf_counter() - t0) / steps
+            if compiler == "flashfuse":  # how the timed steps launched the kernels (all "direct" when warm)
+                row["launch_paths"] = {k: v - launches0.get(k, 0) for k, v in _launch_paths().items()}
             row["loss"] = float(loss.detach().float().item())
             loss = None
             row["step_ms"] = step_s * 1e3
