@@ -8,10 +8,11 @@ and an additive bias is EMPTY when every element is -inf, FULL when every elemen
 
 Summaries keep the input's broadcast: a [1, 1, M, N] mask gives a [1, 1, Mb, Nb] summary,
 computed once, not once per batch and head. Each element of the input is read once per
-summary (one padded copy, one reduction). With FLASHFUSE_MASK_CACHE=1 a summary is cached
-while the tensor object is alive and unchanged (same storage, offset, strides and version
-counter), so one mask used by every layer is summarized once per step; it is off by default
-because compiled graphs reuse buffers without moving version counters (see `caching`).
+summary (one padded copy, one reduction; on the GPU `block_lists_triton` does it in one
+kernel). For eager calls a summary is cached while the tensor object is alive and unchanged
+(same storage, offset, strides and version counter), so one mask used by every layer is
+summarized once per step; calls from compiled graphs do not cache, because compiled graphs
+reuse buffers without moving version counters (see `caching`).
 
 The kernels walk compact per-row-block lists built from the summary (as block-sparse
 FlashAttention does): for each query block, the indices of its non-empty key blocks and

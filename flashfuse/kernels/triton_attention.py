@@ -14,7 +14,7 @@ nothing is made contiguous and nothing M x N is allocated.
 
 Block sparsity: whenever a bias, a mask or an explicit block layout reaches the kernels, the
 launchers summarize them per SPARSE_BLOCK x SPARSE_BLOCK tile (`block_sparse.kernel_lists`;
-cached across calls only with FLASHFUSE_MASK_CACHE=1, see there) and the kernels walk only
+three Triton launches; cached across eager calls, see `block_sparse.caching`) and the kernels walk only
 the non-empty tiles, loading no mask or bias on full ones. Causal skipping stays compile-time and combines with the lists.
 
 Resources: the autotuner's configs are pruned by a shared-memory estimate
