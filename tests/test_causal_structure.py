@@ -113,3 +113,76 @@ def test_hf5_additive_causal_mask_at_size(variant, causal):
     rows = slice(HF_N - 64, HF_N)
     want = attn(q, k, v)
     torch.testing.assert_close(report.result[..., rows, :], want[..., rows, :], rtol=1e-4, atol=1e-5)
+
+
+# Graphs that look causal but are not: each must keep its mask (or bias) and match eager.
+# (Found by review; the first one was let through by the leading-dims rule above.)
+FMIN = torch.finfo(torch.float32).min
+
+
+def _tri(n, device, dtype=torch.bool):
+    return torch.ones(n, n, dtype=dtype, device=device).tril()
+
+
+NOT_CAUSAL = {
+    # a triangle indexed off the last two dims: rows of the mask become batch entries
+    "triangle_moved_by_none": (lambda s, n: torch.where(_tri(n, s.device)[:, None, :], s, NEG), (1, 4096, 1, 16), (1, 4096, 4096, 16)),
+    "triangle_moved_by_ellipsis": (lambda s, n: torch.where(_tri(4096, s.device)[None, ..., None][:, :1], s, NEG), (1, 1, 4096, 16), (1, 1, 1, 16)),
+    # in-place writes after the factory ops
+    "arange_add_": (lambda s, n: _inplace_arange(s, n), (1, 1, 4096, 16), None),
+    "triangle_setitem": (lambda s, n: s.masked_fill(~_tri_set(n, s.device), NEG), (1, 1, 4096, 16), None),
+    "bias_masked_fill_": (lambda s, n: s + _hf_bias_filled(n, s.device), (1, 1, 4096, 16), None),
+    "small_folded_setitem": (lambda s, n: s.masked_fill(~_tri_set(n, s.device), NEG), (1, 1, 256, 16), None),
+    # values that are no longer one index per position, or no longer 0 / 1 / -inf
+    "arange_uint8_wraps": (lambda s, n: _arange_cmp(s, n, torch.uint8), (1, 1, 4096, 16), None),
+    "arange_fp16_ties": (lambda s, n: _arange_cmp(s, n, torch.float16), (1, 1, 4096, 16), None),
+    "arange_step_keyword": (lambda s, n: torch.where(torch.arange(0, 2 * n, step=2, device=s.device)[:, None]
+                                                     >= torch.arange(n, device=s.device)[None, :], s, NEG), (1, 1, 4096, 16), None),
+    "bool_full_neg_inf": (lambda s, n: s + torch.full((n, n), NEG, dtype=torch.bool, device=s.device).triu(1), (1, 1, 4096, 16), None),
+    "neg_above_cast_to_bool": (lambda s, n: s + torch.full((n, n), NEG, device=s.device).triu(1).bool(), (1, 1, 4096, 16), None),
+    "int_bitwise_invert": (lambda s, n: torch.where((~_tri(n, s.device, torch.int64)) == 0, s, NEG), (1, 1, 4096, 16), None),
+    "bitcast_view": (lambda s, n: s + torch.where(_tri(n, s.device), 0.0, FMIN).to(torch.bfloat16).view(torch.float16), (1, 1, 4096, 16), None),
+}
+
+
+def _inplace_arange(s, n):
+    qi, ki = torch.arange(n, device=s.device), torch.arange(n, device=s.device)
+    qi.add_(1)
+    return torch.where(qi[:, None] >= ki[None, :], s, NEG)
+
+
+def _tri_set(n, device):
+    keep = _tri(n, device)
+    keep[:, -1] = True
+    return keep
+
+
+def _hf_bias_filled(n, device):
+    b = torch.where(_tri(n, device), torch.tensor(0.0, device=device), FMIN)
+    b.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=device), 0.0)
+    return b
+
+
+def _arange_cmp(s, n, dtype):
+    i = torch.arange(n, device=s.device, dtype=dtype)
+    return torch.where(i[:, None] >= i[None, :], s, NEG)
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CAUSAL))
+def test_lookalikes_are_not_made_causal(name):
+    build, q_shape, k_shape = NOT_CAUSAL[name]
+
+    def attn(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        s = build(s, k.shape[-2])
+        return torch.softmax(s.float(), dim=-1) @ v
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(q_shape, generator=gen)
+    k = torch.randn(k_shape or q_shape, generator=gen)
+    v = torch.randn(k_shape or q_shape, generator=gen)
+    report = flashfuse.explain(attn, q, k, v, options=OPTS)
+    assert not any(r.spec.causal for r in report.fused), report
+    want = attn(q, k, v)
+    rows = slice(max(0, q_shape[-2] - 64), q_shape[-2])
+    torch.testing.assert_close(report.result[..., rows, :], want[..., rows, :], rtol=1e-4, atol=1e-5, equal_nan=True)

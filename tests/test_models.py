@@ -82,3 +82,23 @@ def test_output_attentions_is_refused():
     report = flashfuse.explain(model, **case.inputs(), output_attentions=True, options=OPTIONS)
     assert not report.fused
     assert [r.reason for r in report.refused] == ["probs_reused"] * case.attention_layers, str(report)
+
+
+def test_gpt2_causal_mask_past_the_folding_limit_becomes_causal():
+    """HF builds GPT-2's causal mask per batch: at B=8, N=1024 it has 8.4M elements, too many to
+    constant-fold, so only the structural prover can find it causal. When it could not (HF 5.x's
+    construction), the mask reached every op call as a tensor: 2x slower GPT-2 training on an H100
+    (benchmarks/results/NOTES.md, 2026-11-22)."""
+    from models import require
+
+    T = require("transformers")
+    cfg = T.GPT2Config(vocab_size=96, n_embd=16, n_layer=1, n_head=1, n_positions=1024, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = T.GPT2Model(cfg).eval()
+    ids = torch.randint(0, 96, (8, 1024), generator=torch.Generator().manual_seed(1))
+    report = flashfuse.explain(model, input_ids=ids, options={"kernel": "reference", "compiler": "eager"})
+    assert len(report.fused) == 1, str(report)
+    spec = report.fused[0].spec
+    assert spec.causal and not spec.mask_shapes and not spec.bias_shapes, spec.summary()
+    want = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(report.result.last_hidden_state[:, -32:], want[:, -32:], **TOL)

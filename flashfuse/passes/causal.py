@@ -10,11 +10,13 @@ tiny abstract interpretation over what each node holds:
     NEG_ABOVE 0 where key <= query, -inf above (triu(full(-inf), 1))
     ROW, COL  query / key index along the last two dims (arange viewed as [M, 1] / [1, N])
 
-Value-preserving wrappers (view, reshape, unsqueeze, expand, contiguous, dtype casts, None
-and full-slice indexing, and slices that start at 0 on the last two dims, which keep a
-top-left triangle top-left) pass a kind through; `~`, `logical_not`, `== 0` and `1 - x` swap
-KEEP and DROP. Anything else, including every graph input, is unknown: only in-graph
-factories are trusted, since parameters and buffers may change between calls.
+Value-preserving wrappers (same-dtype view, reshape, unsqueeze, expand over leading dims,
+contiguous, value casts, None and full-slice indexing that keeps the last two dims last, and
+slices that start at 0 on the last two dims, which keep a top-left triangle top-left) pass a
+kind through; `~` on bools, `logical_not`, `== 0` and `1 - x` swap KEEP and DROP. Anything
+else, including every graph input, is unknown: only in-graph factories are trusted, since
+parameters and buffers may change between calls. A node that the graph later writes in place
+(`add_`, `masked_fill_`, `x[i] = v`, directly or through a view) is unknown too.
 """
 
 from __future__ import annotations
@@ -59,7 +61,27 @@ def _index_kind(node: fx.Node, depth: int) -> Optional[str]:
         if shape is None:
             return None
         return _index_layout(shape)
+    src = _shape(base)
+    if kind is None or src is None or not _keeps_last_two(idx, len(src)):
+        return None  # a triangle must stay on the last two dims: keep[:2, None, None, :] does not
     return kind
+
+
+def _keeps_last_two(idx: tuple, ndim: int) -> bool:
+    """Does indexing with `idx` (full slices, None, one Ellipsis) map the source's last two dims
+    onto the result's last two dims?"""
+    if ndim < 2 or sum(e is Ellipsis for e in idx) > 1:
+        return False
+    consuming = sum(e is not None and e is not Ellipsis for e in idx)
+    if consuming > ndim:
+        return False
+    if Ellipsis in idx:
+        at = idx.index(Ellipsis)
+        idx = idx[:at] + (slice(None),) * (ndim - consuming) + idx[at + 1:]
+    else:
+        idx = idx + (slice(None),) * (ndim - consuming)
+    positions = [j for j, e in enumerate(idx) if e is not None]
+    return positions[-2:] == [len(idx) - 2, len(idx) - 1]
 
 
 def _index_layout(shape: tuple) -> Optional[str]:
@@ -77,12 +99,71 @@ def _index_layout(shape: tuple) -> Optional[str]:
 
 def _arange_kind(node: fx.Node) -> Optional[str]:
     args = [a for a in node.args]
+    if any(k in node.kwargs for k in ("start", "end", "step")):
+        return None  # arange(0, 2N, step=2) is no index
+    v = val(node)
+    if not isinstance(v, torch.Tensor) or v.dim() != 1 or not _exact_index_dtype(v):
+        return None  # bf16 / fp16 aranges tie, small ints wrap: no longer one value per position
     if len(args) == 1 or (len(args) >= 2 and args[0] == 0 and (len(args) == 2 or args[2] == 1)):
         return COL  # a 1-D index broadcasts along the last dim: a key index until reshaped
     return None
 
 
+def _exact_index_dtype(v: torch.Tensor) -> bool:
+    # every position 0..L-1 has its own value
+    if v.dtype in (torch.int64, torch.float64):
+        return True
+    n = v.shape[0]
+    limit = {torch.int32: 2**31, torch.float32: 2**24}.get(v.dtype)
+    return limit is not None and isinstance(n, int) and n <= limit
+
+
+def _mutated(node: fx.Node, depth: int = 0) -> bool:
+    """Is `node`'s value written in place later in the graph (directly or through a view of it)?
+
+    The provers read a node's producers; an in-place write (`masked_fill_`, `add_`, `x[i] = v`)
+    after it changes the value every later user sees, so such a node proves nothing.
+    """
+    if depth > 8:
+        return True
+    for user in node.users:
+        # the raw method/function name: op_name canonicalizes add_ to add
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "") or ""
+        if user.target in _INPLACE_OPERATORS or name in ("setitem", "__setitem__", "copy_"):
+            return True
+        if name.endswith("_") and not name.endswith("__") and user.args and user.args[0] is node:
+            return True
+        if name in _VIEW_OPS and user.args and user.args[0] is node and _mutated(user, depth + 1):
+            return True
+    return False
+
+
+_INPLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift)
+_VIEW_OPS = ("getitem", "view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "t", "permute", "narrow",
+             "select", "as_strided", "split", "chunk", "unbind", "flatten", "unflatten", "view_as", "expand_as", "movedim",
+             "diagonal", "contiguous", "detach", "alias")
+
+
+def _same_dtype(node: fx.Node) -> bool:
+    # view(dtype) reinterprets bits: only same-dtype views keep values
+    a, b = val(node), val(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+
+
+def _is_float(node) -> bool:
+    v = val(node) if isinstance(node, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+
+
+def _is_bool(node) -> bool:
+    v = val(node) if isinstance(node, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
+
+
 def _view_kind(node: fx.Node, depth: int) -> Optional[str]:
+    if not _same_dtype(node):
+        return None
     kind = classify(node.args[0], depth + 1)
     if kind in (ROW, COL):
         shape = _shape(node)
@@ -121,11 +202,15 @@ def _compare(name: str, a, b, depth: int) -> Optional[str]:
 def classify(node, depth: int = 0) -> Optional[str]:
     if not isinstance(node, fx.Node) or depth > _MAX_DEPTH or node.op not in ("call_function", "call_method"):
         return None
+    if _mutated(node):
+        return None
     target, name = node.target, op_name(node)
     if target in (torch.ones, torch.ones_like):
         return ONES
     if target is torch.full:
         fill = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+        if fill == float("-inf") and not _is_float(node):
+            return None  # full(-inf, dtype=bool) is all True
         return ONES if _is_one(fill) else NEG_ABOVE + "_src" if fill == float("-inf") else None
     if target is torch.arange:
         return _arange_kind(node)
@@ -143,10 +228,14 @@ def classify(node, depth: int = 0) -> Optional[str]:
         return _view_kind(node, depth)
     if node.op == "call_method" and node.target in _CAST_METHODS:
         kind = classify(node.args[0], depth + 1)
+        if kind == NEG_ABOVE and not _is_float(node):
+            return None  # -inf cast to bool is True, to an int undefined: no longer an additive mask
         return kind if kind in (ONES, KEEP, DROP, NEG_ABOVE) else None
     if name == "getitem":
         return _index_kind(node, depth)
     if name == "invert" or target is operator.invert:
+        if not _is_bool(node.args[0]):
+            return None  # ~ on an integer tensor is bitwise: ~1 == -2, not 0
         return _FLIP.get(classify(node.args[0], depth + 1))
     if name in ("eq", "ne") and len(node.args) == 2 and is_number(node.args[1]):
         kind = classify(node.args[0], depth + 1)
@@ -214,6 +303,8 @@ def additive_fill(bias: fx.Node, scores_shape: tuple) -> Optional[float]:
 def _fill_of(node, depth: int) -> Optional[float]:
     if not isinstance(node, fx.Node) or depth > _MAX_DEPTH or node.op not in ("call_function", "call_method"):
         return None
+    if _mutated(node):
+        return None
     if classify(node, depth) == NEG_ABOVE:
         return float("-inf")
     name = op_name(node)
@@ -228,6 +319,8 @@ def _fill_of(node, depth: int) -> Optional[float]:
                 return _rounded(fill, node) if fill is not None and fill < 0 else None
         return None
     if name in ("view", "reshape", "unsqueeze", "expand", "contiguous"):
+        if not _same_dtype(node):
+            return None
         src, out = _shape(node.args[0]), _shape(node)
         if src is None or out is None or len(src) < 2 or src[-2:] != out[-2:]:
             return None

@@ -42,6 +42,10 @@ def fold(node: Any, _depth: int = 0) -> Optional[Any]:
         return node if _concrete(node) else None
     if _depth > _MAX_DEPTH or node.op not in ("call_function", "call_method"):
         return None
+    from flashfuse.passes.causal import _mutated
+
+    if _mutated(node):
+        return None  # written in place later: its value here is not what later users see
     if node.op == "call_function" and node.target not in _FACTORIES and node.target not in _PURE:
         return None
     if node.op == "call_method" and node.target not in _PURE_METHODS:
