@@ -1,13 +1,13 @@
-"""Block summaries and packed kernel lists on the GPU: two small Triton kernels per call.
+"""Block summaries and packed kernel lists on the GPU: three small Triton launches per call.
 
-`block_sparse.summarize` and `block_sparse.pack_lists` compute the same thing with ~30 torch
+`block_sparse.summarize` and `block_sparse.pack_lists` compute the same thing with ~40 torch
 ops (pad, reshape, reductions, a stable sort per list); they stay the readable oracle that the
 tests compare these kernels against, element for element.
 
-    summarize:  grid (Mb|1, Bs * Hs)  one program per query-block row of one (batch, head) of
-                the mask/bias; it walks the row's key blocks, reads each element once and
-                writes EMPTY / FULL / PARTIAL (int8) per block.
-    pack:       grid (rows, Bs * Hs)  one program per list row: kv lists (row = query block,
+    summarize:  grid (Mb|1, cdiv(Nb, COLS_PER_PROGRAM), Bs * Hs)  one program per query-block
+                row and run of key blocks of one (batch, head) of the mask/bias; it reads each
+                element once and writes EMPTY / FULL / PARTIAL (int8) per block.
+    pack:       grid (rows, Bs * Hs), launched twice  one program per list row: kv lists (row = query block,
                 entries = key blocks) or, with the summary's strides swapped, q lists (row =
                 key block, entries = query blocks). A prefix sum places the partial and full
                 blocks first, in increasing order, then the others, as the stable sort does.

@@ -298,10 +298,8 @@ def _pack(status: Tensor, main: Tensor) -> Tensor:
 
 def pack_lists(summary: Tensor, block: int, m: int, n: int, causal: bool) -> KernelLists:
     """KernelLists of a [Bs, Hs, Mb|1, Nb] summary at `block` granularity for M queries, N keys."""
-    mb, nb = _cdiv(m, block), _cdiv(n, block)
-    if summary.shape[-1] != nb or summary.shape[-2] not in (1, mb):
-        raise ValueError(f"flashfuse: block summary {tuple(summary.shape)} does not tile [{m}, {n}] in blocks of {block}")
-    summary = given = summary.expand(*summary.shape[:2], mb, nb)
+    summary = given = _tiled(summary, block, m, n)
+    mb, nb = summary.shape[-2:]
     r = torch.arange(mb, device=summary.device)[:, None]
     c = torch.arange(nb, device=summary.device)[None, :]
     if causal:
@@ -315,6 +313,14 @@ def pack_lists(summary: Tensor, block: int, m: int, n: int, causal: bool) -> Ker
     kv = _pack(summary, kv_main)
     q = _pack(summary.transpose(-2, -1), q_main.transpose(0, 1))
     return KernelLists(kv=kv, q=q, summary=given, block=block, causal=causal)
+
+
+def _tiled(summary: Tensor, block: int, m: int, n: int) -> Tensor:
+    """The summary expanded to [Bs, Hs, Mb, Nb] for M queries and N keys (a row-broadcast one repeats)."""
+    mb, nb = _cdiv(m, block), _cdiv(n, block)
+    if summary.shape[-1] != nb or summary.shape[-2] not in (1, mb):
+        raise ValueError(f"flashfuse: block summary {tuple(summary.shape)} does not tile [{m}, {n}] in blocks of {block}")
+    return summary.expand(*summary.shape[:2], mb, nb)
 
 
 def _demote_empty(summary: Tensor) -> Tensor:
@@ -379,12 +385,10 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
 
 def _on_triton(*tensors: Optional[Tensor]) -> bool:
     # the Triton list kernels run where the attention kernels do: CUDA, or the interpreter
+    from flashfuse.kernels.configs import interpreting
+
     present = [t for t in tensors if t is not None]
-    return bool(present) and all(t.is_cuda or (t.device.type == "cpu" and _interpreting()) for t in present)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return bool(present) and all(t.is_cuda or (t.device.type == "cpu" and interpreting()) for t in present)
 
 
 def _kernel_lists_triton(t: Tensor, block: int, m: int, n: int, causal: bool, finite_fill: bool) -> KernelLists:
@@ -401,11 +405,8 @@ def _pack_lists_triton(summary: Tensor, block: int, m: int, n: int, causal: bool
     """pack_lists computed by two Triton kernels (block_lists_triton.pack); same KernelLists."""
     from flashfuse.kernels import block_lists_triton
 
-    mb, nb = _cdiv(m, block), _cdiv(n, block)
-    if summary.shape[-1] != nb or summary.shape[-2] not in (1, mb):
-        raise ValueError(f"flashfuse: block summary {tuple(summary.shape)} does not tile [{m}, {n}] in blocks of {block}")
-    summary = summary.expand(*summary.shape[:2], mb, nb)
-    bs, hs = summary.shape[:2]
+    summary = _tiled(summary, block, m, n)
+    bs, hs, mb, nb = summary.shape
     kv = torch.empty((bs, hs, mb, 2 + 3 * nb), dtype=torch.int32, device=summary.device)
     q = torch.empty((bs, hs, nb, 2 + 3 * mb), dtype=torch.int32, device=summary.device)
     block_lists_triton.pack(summary, kv, n // block, causal, q_lists=False)

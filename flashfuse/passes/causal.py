@@ -175,16 +175,17 @@ def _view_kind(node: fx.Node, depth: int) -> Optional[str]:
         if len(shape) >= 2 and shape[-1] == 1 and shape[-2] != 1:
             return ROW
         return COL if shape[-1] != 1 or len(trailing) == 0 else None
-    # A triangle survives only views that add or drop leading size-1 dims, and expand(),
-    # which repeats it along leading dims (HF expands its [1, 1, M, N] mask over the batch).
+    return kind if _keeps_triangle(node) else None
+
+
+def _keeps_triangle(node: fx.Node) -> bool:
+    """Does this same-dtype view keep a triangle on the last two dims? Views that add or drop
+    leading size-1 dims do, and expand(), which repeats it along leading dims (HF expands its
+    [1, 1, M, N] mask over the batch)."""
     src, out = _shape(node.args[0]), _shape(node)
     if src is None or out is None or len(src) < 2 or len(out) < 2 or src[-2:] != out[-2:]:
-        return None
-    if op_name(node) == "expand" and all(d == 1 for d in src[:-2]):
-        return kind
-    if any(d != 1 for d in src[:-2]) or any(d != 1 for d in out[:-2]):
-        return None
-    return kind
+        return False
+    return op_name(node) == "expand" or (all(d == 1 for d in src[:-2]) and all(d == 1 for d in out[:-2]))
 
 
 def _compare(name: str, a, b, depth: int) -> Optional[str]:
@@ -319,12 +320,7 @@ def _fill_of(node, depth: int) -> Optional[float]:
                 return _rounded(fill, node) if fill is not None and fill < 0 else None
         return None
     if name in ("view", "reshape", "unsqueeze", "expand", "contiguous"):
-        if not _same_dtype(node):
-            return None
-        src, out = _shape(node.args[0]), _shape(node)
-        if src is None or out is None or len(src) < 2 or src[-2:] != out[-2:]:
-            return None
-        if name != "expand" and (any(d != 1 for d in src[:-2]) or any(d != 1 for d in out[:-2])):
+        if not (_same_dtype(node) and _keeps_triangle(node)):
             return None
         return _fill_of(node.args[0], depth + 1)
     if node.op == "call_method" and node.target in ("to", "float", "half", "bfloat16", "type"):
