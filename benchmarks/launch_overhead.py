@@ -3,7 +3,8 @@
     python benchmarks/launch_overhead.py
 Prints microseconds per call for the op's forward (no grad), forward+backward, flashfuse.attention
 and a compiled plain attention function (forward+backward), the raw launchers, how many launches
-took each path of flashfuse.kernels.launch, and a cProfile of the backward launcher's Python hot spots.
+took each path of flashfuse.kernels.launch, SDPA's eager and compiled calls for scale, and cProfiles of
+the backward launcher and of the compiled call.
 """
 
 from __future__ import annotations
@@ -64,18 +65,28 @@ def main() -> None:
     def compiled_fwdbwd():
         torch.autograd.grad(compiled(q, k, v), (q, k, v), do)
 
-    rows = [("op fwd (no grad)", op_fwd), ("op fwd+bwd", op_fwdbwd), ("attention() fwd+bwd", api_fwdbwd),
+    sdpa_compiled = torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), dynamic=False)
+
+    def sdpa_fwdbwd():
+        torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), do)
+
+    def sdpa_compiled_fwdbwd():
+        torch.autograd.grad(sdpa_compiled(q, k, v), (q, k, v), do)
+
+    rows = [("sdpa fwd+bwd (eager)", sdpa_fwdbwd), ("sdpa+Inductor fwd+bwd", sdpa_compiled_fwdbwd), ("op fwd (no grad)", op_fwd), ("op fwd+bwd", op_fwdbwd), ("attention() fwd+bwd", api_fwdbwd),
             ("compiled fwd+bwd", compiled_fwdbwd), ("launcher fwd", launch_fwd), ("launcher bwd", launch_bwd)]
     for name, fn in rows:
-        print(f"{name:20s} {per_call_us(fn):8.1f} us/call")
+        print(f"{name:22s} {per_call_us(fn):8.1f} us/call")
     print("launch paths:", launch.stats)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(100):
-        launch_bwd()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+    for name, fn in (("backward launcher", launch_bwd), ("compiled fwd+bwd", compiled_fwdbwd)):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- cProfile: 100 x {name} ---")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":

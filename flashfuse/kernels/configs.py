@@ -107,9 +107,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+AUTOTUNE_MODES = {"0": "first", "1": "default", "all": "all"}
+
+
+def autotune_mode() -> str:
+    """FLASHFUSE_AUTOTUNE: "1" (default) benchmarks the configs not marked "extra"; "all" every
+    config (to re-derive the list on a new GPU); "0" runs the first surviving config, no benchmark."""
+    value = os.environ.get("FLASHFUSE_AUTOTUNE", "1")
+    mode = AUTOTUNE_MODES.get(value)
+    if mode is None:
+        raise ValueError(f"flashfuse: FLASHFUSE_AUTOTUNE must be one of {', '.join(AUTOTUNE_MODES)}, got {value!r}")
+    return mode
+
+
 def autotune_enabled() -> bool:
-    """FLASHFUSE_AUTOTUNE=0 runs the first surviving config instead of benchmarking them all."""
-    return os.environ.get("FLASHFUSE_AUTOTUNE", "1") != "0"
+    return autotune_mode() != "first"
 
 
 def config_dicts(kind: str) -> List[Dict[str, Any]]:
@@ -129,7 +141,7 @@ _BOUNDS: Dict[int, Dict[str, Any]] = {}
 def _to_triton(c: Dict[str, Any]):
     meta = {k: v for k, v in c.items() if k not in _META}
     config = triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
-    _BOUNDS[id(config)] = {k: c[k] for k in ("max_block_d", "fp32") if k in c}
+    _BOUNDS[id(config)] = {k: c[k] for k in ("max_block_d", "fp32", "extra") if k in c}
     return config
 
 
@@ -203,7 +215,7 @@ def _fits(c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int) -> bo
     return max(block_d, block_dv) <= c.get("max_block_d", 256)
 
 
-_META = ("num_warps", "num_stages", "max_block_d", "fp32")
+_META = ("num_warps", "num_stages", "max_block_d", "fp32", "extra")
 
 
 def _as_dict(c) -> Dict[str, Any]:
@@ -214,7 +226,7 @@ def _as_dict(c) -> Dict[str, Any]:
 
 def _signature(c) -> tuple:
     d = _as_dict(c)
-    return tuple(sorted((k, v) for k, v in d.items() if k not in ("max_block_d", "fp32")))
+    return tuple(sorted((k, v) for k, v in d.items() if k not in ("max_block_d", "fp32", "extra")))
 
 
 # Configs that ran out of resources at launch, per kernel variant: {variant_key: {signature}}.
@@ -247,15 +259,18 @@ def ban(kind: str, args: Dict[str, Any], config, candidates) -> bool:
     return any(_signature(c) not in gone for c in candidates)
 
 
-def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune: bool = True,
+def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune="default",
           bias_bytes: int = 0, has_mask: bool = False, exclude: Optional[set] = None) -> list:
     """Configs that fit the head dim, dtype and shared memory; never empty.
 
     Works on triton.Config objects (from triton_configs) or plain dicts. exclude: signatures
     of banned configs, dropped first. When nothing fits, the remaining config with the
-    smallest shared-memory estimate is kept. With autotune off, keeps only the first config
-    that fits, so nothing is benchmarked.
+    smallest shared-memory estimate is kept. autotune (an `autotune_mode`, or a bool: True is
+    "default", False "first"): "default" drops the configs marked "extra" unless they are all
+    that fits, "all" keeps them, "first" keeps only the first config that fits, so nothing
+    is benchmarked.
     """
+    mode = ("default" if autotune else "first") if isinstance(autotune, bool) else autotune
     if len(configs) <= 1:
         return list(configs)
     if exclude:
@@ -266,7 +281,9 @@ def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int
     kept = [c for c, d, e in zip(configs, dicts, est) if e <= smem_limit and _fits(d, block_d, block_dv, elem_bytes)]
     if not kept:
         kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
-    if not autotune:
+    if mode == "default":
+        kept = [c for c in kept if not _as_dict(c).get("extra")] or kept
+    elif mode == "first":
         kept = kept[:1]
     return kept
 
@@ -282,7 +299,7 @@ def _pruner(kind: str):
         bias = args.get("Bias")
         bias_bytes = bias.element_size() if hasattr(bias, "element_size") else 0
         has_mask = hasattr(args.get("Mask"), "element_size")
-        return prune(kind, configs, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune_enabled(),
+        return prune(kind, configs, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune_mode(),
                      bias_bytes=bias_bytes, has_mask=has_mask, exclude=banned(variant_key(kind, args)))
 
     early_config_prune.__name__ = f"prune_{kind}"

@@ -47,7 +47,7 @@ from flashfuse.kernels import configs
 log = logging.getLogger(__name__)
 
 # statistics, read by tests and benchmarks: how many launches took each path
-stats: Dict[str, int] = {"direct": 0, "chosen": 0, "autotune": 0}
+stats: Dict[str, int] = {"direct": 0, "chosen": 0, "autotune": 0, "precompiled": 0}
 
 # (kernel, autotune key) -> the config the autotuner chose
 _chosen: Dict[tuple, Any] = {}
@@ -205,6 +205,8 @@ def _autotune(kind: str, kernel, grid, key, args: tuple, kwargs: dict):
     """
     tuned = key is not None
     tried = set()
+    if tuned:
+        precompile(kind, kernel, grid, args, kwargs)
     while True:
         try:
             ret = kernel[grid](*args, **kwargs)
@@ -228,3 +230,53 @@ def _autotune(kind: str, kernel, grid, key, args: tuple, kwargs: dict):
                 del _chosen[key_]
             for key_ in [key_ for key_ in _direct if key_[0] == id(kernel)]:
                 del _direct[key_]
+
+
+def _compile_threads() -> int:
+    """FLASHFUSE_COMPILE_THREADS: threads that compile an autotune key's configs before it is
+    benchmarked (0 or 1: none; the autotuner then compiles each config as it reaches it)."""
+    value = os.environ.get("FLASHFUSE_COMPILE_THREADS")
+    if value is None:
+        return min(8, os.cpu_count() or 1)
+    try:
+        return max(int(value), 0)
+    except ValueError:
+        raise ValueError(f"flashfuse: FLASHFUSE_COMPILE_THREADS must be an integer, got {value!r}") from None
+
+
+def precompile(kind: str, kernel, grid, args: tuple, kwargs: dict) -> int:
+    """Compile the configs the autotuner is about to benchmark, in threads; how many were submitted.
+
+    Triton compiles a config on its first launch, so an autotuner with k configs compiles them
+    one after another. Here they compile concurrently first (Triton's MLIR passes and ptxas
+    release the GIL for much of the work), and the benchmark loop then finds them in Triton's
+    in-memory cache. Same binaries either way: `warmup` goes through the same specialization
+    and cache key as a launch. A config that fails to compile here is left to the autotuner,
+    which reports or bans it exactly as before.
+    """
+    threads = _compile_threads()
+    if threads <= 1 or configs.interpreting() or not isinstance(kernel, Autotuner):
+        return 0
+    prune = getattr(kernel, "early_config_prune", None)
+    candidates = prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs) if prune else kernel.configs
+    if len(candidates) <= 1:
+        return 0
+    ref = next((a for a in args if isinstance(a, Tensor)), None)
+    index = ref.device.index if ref is not None and ref.device.type == "cuda" else None
+
+    def compile_one(config):
+        try:
+            if index is not None:
+                import torch
+
+                torch.cuda.set_device(index)  # Triton caches compiled kernels per current device
+            kernel.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
+        except Exception as e:  # noqa: BLE001  (the autotuner's own launch reports it)
+            log.debug("flashfuse: precompiling %s %s failed: %s: %s", kind, config, type(e).__name__, e)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(candidates)), thread_name_prefix="flashfuse-compile") as pool:
+        list(pool.map(compile_one, candidates))
+    stats["precompiled"] += len(candidates)
+    return len(candidates)
