@@ -78,6 +78,7 @@ def main() -> None:
     for name, fn in rows:
         print(f"{name:22s} {per_call_us(fn):8.1f} us/call")
     print("launch paths:", launch.stats)
+    breakdown(api_fwdbwd, launch_bwd)
     for name, fn in (("backward launcher", launch_bwd), ("compiled fwd+bwd", compiled_fwdbwd)):
         prof = cProfile.Profile()
         prof.enable()
@@ -87,6 +88,61 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"--- cProfile: 100 x {name} ---")
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+
+
+def breakdown(api_fwdbwd, launch_bwd) -> None:
+    """Where an eager fwd+bwd's host time goes: the launchers timed inside the call (the
+    backward runs on autograd's device thread, which cProfile does not see), the backward
+    launcher on a plain worker thread, the call with the garbage collector off, and the
+    profiler's CPU self times of every thread."""
+    import gc
+    import threading
+
+    spent = {"attention_forward": 0.0, "attention_backward": 0.0}
+    originals = {name: getattr(ta, name) for name in spent}
+
+    def timed(name):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return originals[name](*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    n = 300
+    for name in spent:
+        setattr(ta, name, timed(name))
+    try:
+        total = per_call_us(api_fwdbwd, n)
+    finally:
+        for name, fn in originals.items():
+            setattr(ta, name, fn)
+    calls = n + 10
+    print(f"attention() fwd+bwd {total:.1f} us/call, of which launchers: "
+          + ", ".join(f"{k} {v / calls * 1e6:.1f} us" for k, v in spent.items()))
+    result = {}
+
+    def worker():
+        result["us"] = per_call_us(launch_bwd, n)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    print(f"backward launcher on a worker thread {result['us']:.1f} us/call")
+    gc.disable()
+    try:
+        print(f"attention() fwd+bwd, gc off {per_call_us(api_fwdbwd, n):.1f} us/call")
+    finally:
+        gc.enable()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(50):
+            api_fwdbwd()
+        torch.cuda.synchronize()
+    print("--- torch.profiler: 50 x attention() fwd+bwd, CPU self time ---")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 if __name__ == "__main__":

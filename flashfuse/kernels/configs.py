@@ -41,18 +41,26 @@ KINDS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 # for fp16/bf16. The bounds come from compiling the configs for sm_90 with triton 3.9 (no GPU
 # needed) and reading ptxas's register/spill report for the plain causal kernels: within its
 # bound each config compiles without spills, except the D=256 backward ones (under 200 bytes).
-# Bias, mask and dropout variants use more registers. No timings are behind the order yet.
+# Bias, mask and dropout variants use more registers.
+#
+# "extra": benchmarked only with FLASHFUSE_AUTOTUNE=all (or when nothing else fits);
+# "extra_below_d": extra for padded head dims under that bound (the D=256 fallbacks). NB: on an
+# H100 (bf16, D=64/128, N=512..16K, causal or not; kernel sweeps of 2026-11-22 04:08 and 07:16
+# with every config) the autotuner never chose one of them; the winners were fwd 64x64/4 warps,
+# 128x64/8 and 128x128/8, dK/dV 32x128/4 or 8 and 64x64/4, dQ 128x64/8 and 64x64/4. Compiling
+# every candidate made the first GPT-2-shaped call take 44.8 s (26 configs) against Inductor's
+# 4.3 s for the same function (benchmarks/results/compile_time_20261122-071445.md).
 CONFIGS: Dict[str, List[Dict[str, Any]]] = {
     "fwd": [
-        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64, "extra": True},
         {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
-        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "max_block_d": 64},
-        {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4, "max_block_d": 128},
-        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
-        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 256},
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "max_block_d": 64, "extra": True},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4, "max_block_d": 128, "extra": True},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "max_block_d": 64, "extra": True},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 256, "extra": True},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 256},
-        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "extra_below_d": 256},
         {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 64, "fp32": True},
         {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 64, "fp32": True},
         {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "max_block_d": 128, "fp32": True},
@@ -65,25 +73,25 @@ CONFIGS: Dict[str, List[Dict[str, Any]]] = {
     ],
     "bwd_dkdv": [
         {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
-        {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 64},
-        {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "max_block_d": 128},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 64, "extra": True},
+        {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "max_block_d": 128, "extra": True},
         {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
-        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_block_d": 64},
-        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_block_d": 128},
-        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "max_block_d": 256},
-        {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_block_d": 64, "extra": True},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_block_d": 128, "extra": True},
+        {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "extra_below_d": 256},
+        {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 256, "extra_below_d": 256},
         {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 64, "fp32": True},
         {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 128, "fp32": True},
         {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "fp32": True},
     ],
     "bwd_dq": [
-        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "max_block_d": 64, "extra": True},
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
-        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "extra_below_d": 256},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 128},
-        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 128},
-        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 128, "extra": True},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "extra_below_d": 256},
         {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 128, "fp32": True},
         {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "fp32": True},
         {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "fp32": True},
@@ -141,7 +149,7 @@ _BOUNDS: Dict[int, Dict[str, Any]] = {}
 def _to_triton(c: Dict[str, Any]):
     meta = {k: v for k, v in c.items() if k not in _META}
     config = triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
-    _BOUNDS[id(config)] = {k: c[k] for k in ("max_block_d", "fp32", "extra") if k in c}
+    _BOUNDS[id(config)] = {k: c[k] for k in _META[2:] if k in c}
     return config
 
 
@@ -208,6 +216,10 @@ def shared_memory_estimate(kind: str, c: Dict[str, Any], block_d: int, block_dv:
     return 0
 
 
+def _is_extra(c: Dict[str, Any], block: int) -> bool:
+    return bool(c.get("extra")) or block < c.get("extra_below_d", 0)
+
+
 def _fits(c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int) -> bool:
     """Whether a config's data bounds admit this head dim and dtype."""
     if bool(c.get("fp32", False)) != (elem_bytes == 4):
@@ -215,7 +227,7 @@ def _fits(c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int) -> bo
     return max(block_d, block_dv) <= c.get("max_block_d", 256)
 
 
-_META = ("num_warps", "num_stages", "max_block_d", "fp32", "extra")
+_META = ("num_warps", "num_stages", "max_block_d", "fp32", "extra", "extra_below_d")
 
 
 def _as_dict(c) -> Dict[str, Any]:
@@ -226,7 +238,7 @@ def _as_dict(c) -> Dict[str, Any]:
 
 def _signature(c) -> tuple:
     d = _as_dict(c)
-    return tuple(sorted((k, v) for k, v in d.items() if k not in ("max_block_d", "fp32", "extra")))
+    return tuple(sorted((k, v) for k, v in d.items() if k not in _META[2:]))
 
 
 # Configs that ran out of resources at launch, per kernel variant: {variant_key: {signature}}.
@@ -282,7 +294,8 @@ def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int
     if not kept:
         kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
     if mode == "default":
-        kept = [c for c in kept if not _as_dict(c).get("extra")] or kept
+        block = max(block_d, block_dv)
+        kept = [c for c in kept if not _is_extra(_as_dict(c), block)] or kept
     elif mode == "first":
         kept = kept[:1]
     return kept
