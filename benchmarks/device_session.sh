@@ -16,7 +16,7 @@ for spec in "$@"; do
     case $step in
         tests) cmd=(env FLASHFUSE_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/gpu -rfE) ;;
         overhead) cmd=(python3 benchmarks/launch_overhead.py) ;;
-        compile) cmd=(python3 benchmarks/compile_time.py --quick --settings ${COMPILE_SETTINGS:-threads-default,serial-default,serial-all,inductor} --budget-s $budget --out "$W") ;;
+        compile) cmd=(python3 benchmarks/compile_time.py --quick --settings ${COMPILE_SETTINGS:-threads-default,serial-default,serial-all,inductor} --cases ${COMPILE_CASES:-gpt2} --budget-s $budget --out "$W") ;;
         sweep-small) cmd=(python3 benchmarks/kernel_sweep.py --dtypes bf16 --dropout 0 --seqlens 512,1024,2048 --no-dbias --impls $IMPLS --budget-s $budget --out "$W") ;;
         sweep-large) cmd=(python3 benchmarks/kernel_sweep.py --dtypes bf16 --dropout 0 --seqlens 4096,8192,16384 --no-dbias --impls $IMPLS --budget-s $budget --out "$W") ;;
         sweep-fp16) cmd=(python3 benchmarks/kernel_sweep.py --dtypes fp16 --dropout 0 --seqlens 1024,4096,16384 --no-dbias --impls $IMPLS --budget-s $budget --out "$W") ;;
