@@ -82,7 +82,25 @@ def _check(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Option
         torch._check(mask.dtype == torch.bool, lambda: "flashfuse.attention: mask must be bool (True = keep)")
 
 
-@torch.library.custom_op("flashfuse::attention", mutates_args=())
+# The ops are defined with the low-level Library API rather than torch.library.custom_op: a
+# custom_op's kernel runs inside wrappers (a Dynamo-disable wrapper, aliasing checks) that
+# cost host time on every call of every compiled graph.
+# NB: on an H100 host (torch 2.11) cProfile put ~0.5 ms per call in custom_op's backend
+# wrapper inside a compiled fwd+bwd (benchmarks/launch_overhead.py, 2026-11-22 07:14 and 07:22),
+# against 71-97 us for the forward launcher itself.
+_lib = torch.library.Library("flashfuse", "DEF")
+_lib.define(
+    "attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, float scale, bool causal, float dropout_p, "
+    "Tensor? seed, SymInt gqa_group, float mask_value, bool softmax_fp32, str kernel, bool strict=False, "
+    "Tensor? block_layout=None) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor out, Tensor m, "
+    "Tensor log_l, float scale, bool causal, float dropout_p, Tensor? seed, SymInt gqa_group, float mask_value, "
+    "bool needs_dbias, str kernel, bool strict=False, Tensor? block_layout=None) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -132,7 +150,10 @@ def _out_like(q: Tensor, v: Tensor) -> Tensor:
     return q.new_empty((b, m, h, v.shape[-1])).transpose(1, 2)
 
 
-@attention.register_fake
+_lib.impl("attention", attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flashfuse::attention", lib=_lib)
 def _(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, softmax_fp32, kernel, strict=False, block_layout=None):
     _check(q, k, v, bias, mask, gqa_group)
     b, h, m, _ = q.shape
@@ -140,7 +161,6 @@ def _(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value
     return _out_like(q, v), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("flashfuse::attention_backward", mutates_args=())
 def attention_backward(
     dout: Tensor,
     q: Tensor,
@@ -171,7 +191,10 @@ def attention_backward(
     return _as_layout(dq, torch.empty_like(q)), _as_layout(dk, torch.empty_like(k)), _as_layout(dv, torch.empty_like(v)), dbias
 
 
-@attention_backward.register_fake
+_lib.impl("attention_backward", attention_backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flashfuse::attention_backward", lib=_lib)
 def _(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, kernel, strict=False,
       block_layout=None):
     dbias = torch.empty_like(bias) if needs_dbias else q.new_empty((0,))
@@ -203,7 +226,7 @@ def _backward(ctx, dout, _dm, _dlog_l):
     return (dq, dk, dv, (dbias if needs_dbias else None)) + (None,) * (ctx.n_inputs - 4)
 
 
-torch.library.register_autograd("flashfuse::attention", _backward, setup_context=_setup_context)
+torch.library.register_autograd("flashfuse::attention", _backward, setup_context=_setup_context, lib=_lib)
 
 
 class _EagerAttention(torch.autograd.Function):

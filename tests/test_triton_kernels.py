@@ -301,6 +301,66 @@ def test_configs_prune():
     assert len(configs.config_dicts("fwd")) == 1  # the interpreter's single small config
 
 
+def test_autotune_tiers(monkeypatch):
+    # "default" benchmarks only the configs not marked extra, "all" every config that fits,
+    # "first" one; a default tier that cannot fit falls back to the extras instead of nothing.
+    fits = lambda mode, block_d=64, smem=227 * 1024, **kw: configs.prune("fwd", configs.CONFIGS["fwd"], block_d, block_d, 2, smem, mode, **kw)  # noqa: E731
+    default, every = fits("default"), fits("all")
+    assert default and all(not c.get("extra") for c in default)
+    assert len(every) > len(default) and all(c in every for c in default)
+    assert any(c.get("extra") for c in every)
+    assert fits("first") == default[:1]
+    # D=256 fallbacks ("extra_below_d") join the default tier only at that head dim
+    assert all(c.get("extra_below_d", 0) <= 64 for c in default)
+    assert any(c.get("extra_below_d") == 256 for c in fits("default", block_d=256))
+    only_extra = [c for c in configs.CONFIGS["fwd"] if c.get("extra")]
+    assert configs.prune("fwd", only_extra, 64, 64, 2, 227 * 1024, "default") == only_extra
+    for value, mode in (("1", "default"), ("all", "all"), ("0", "first")):
+        monkeypatch.setenv("FLASHFUSE_AUTOTUNE", value)
+        assert configs.autotune_mode() == mode
+    monkeypatch.setenv("FLASHFUSE_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="FLASHFUSE_AUTOTUNE"):
+        configs.autotune_mode()
+
+
+def test_precompile_warms_every_pruned_config_in_threads(monkeypatch):
+    # The autotuner's candidates are compiled (warmup) on worker threads before it benchmarks
+    # them; a config that fails to compile is left to the autotuner; with one thread nothing runs.
+    import threading
+
+    from triton.runtime.autotuner import Autotuner
+
+    from flashfuse.kernels import launch
+
+    seen = []
+
+    class FakeJit:
+        def warmup(self, *args, grid, **kwargs):
+            seen.append((kwargs["BLOCK_M"], threading.current_thread().name))
+            if kwargs["BLOCK_M"] == 32:
+                raise RuntimeError("does not compile")
+
+    class FakeTuner(Autotuner):
+        def __init__(self):  # no Triton kernel behind it: only what precompile reads
+            self.fn = FakeJit()
+            self.arg_names = ["X", "n"]
+            self.configs = [triton.Config({"BLOCK_M": m}) for m in (128, 64, 32, 16)]
+            self.early_config_prune = lambda cfgs, named, **kw: [c for c in cfgs if c.kwargs["BLOCK_M"] >= named["n"]]
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setenv("FLASHFUSE_COMPILE_THREADS", "4")
+    x = torch.zeros(4)
+    assert launch.precompile("fwd", FakeTuner(), (1,), (x, 32), {}) == 3
+    assert sorted(m for m, _ in seen) == [32, 64, 128]
+    assert all(name.startswith("flashfuse-compile") for _, name in seen)
+    seen.clear()
+    monkeypatch.setenv("FLASHFUSE_COMPILE_THREADS", "1")
+    assert launch.precompile("fwd", FakeTuner(), (1,), (x, 32), {}) == 0 and not seen
+    monkeypatch.setenv("FLASHFUSE_COMPILE_THREADS", "many")
+    with pytest.raises(ValueError, match="FLASHFUSE_COMPILE_THREADS"):
+        launch.precompile("fwd", FakeTuner(), (1,), (x, 32), {})
+
+
 def test_smem_estimate_counts_bias_mask_and_stages():
     # H200, bf16, D=80 (BLOCK_D=128), bias and mask: the forward's 128x128 3-stage config needed
     # 262144 bytes of shared memory (232448 available) and must be pruned; without bias/mask it fits

@@ -1,7 +1,7 @@
 """Autotune configurations for the Triton attention kernels, as data, and their pruning.
 
 Each kernel kind has a list of candidate configs in order of preference: the first one that
-survives pruning is what runs when autotuning is off (FLASHFUSE_AUTOTUNE=0) and what the
+survives pruning (and is not marked "extra") is what runs when autotuning is off (FLASHFUSE_AUTOTUNE=0) and what the
 explain report names as the default. Pruning drops configs whose tiles cannot fit the head
 dim, the dtype or the device's shared memory (estimated from every tile a kernel variant
 stages: K/V/Q/dO, the bias and mask tiles, times the pipeline depth). Configs that a launch
@@ -293,10 +293,10 @@ def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int
     kept = [c for c, d, e in zip(configs, dicts, est) if e <= smem_limit and _fits(d, block_d, block_dv, elem_bytes)]
     if not kept:
         kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
-    if mode == "default":
+    if mode != "all":
         block = max(block_d, block_dv)
         kept = [c for c in kept if not _is_extra(_as_dict(c), block)] or kept
-    elif mode == "first":
+    if mode == "first":
         kept = kept[:1]
     return kept
 

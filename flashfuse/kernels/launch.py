@@ -85,16 +85,27 @@ def _grid3(grid, meta) -> tuple:
     return tuple(g) + (1,) * (3 - len(g))
 
 
+_FLOAT_KEY = (float,)
+
+
 def _arg_key(args: tuple, kwargs: dict) -> tuple:
     # see the module docstring: at least as fine as Triton's specialization of each argument.
     # Non-tensors carry their type: True == 1 and False == 0 hash alike, but Triton compiles a
     # bool, the constant 1 and an int divisible by 16 differently; a float (a runtime fp32) and
-    # None (a constant) must not match either.
-    return (
-        tuple([(a.dtype, a.data_ptr() & 15 == 0, a.device.index) if isinstance(a, Tensor)
-               else (float,) if type(a) is float else (type(a), a) for a in args]),
-        tuple([(k, type(a), a) for k, a in kwargs.items()]),
-    )
+    # None (a constant) must not match either. Plain loop with exact type tests first: this runs
+    # on every launch (~40 arguments), and isinstance / .device cost more than they look.
+    key = []
+    for a in args:
+        kind = type(a)
+        if kind is float:
+            key.append(_FLOAT_KEY)
+        elif kind is int or kind is bool or a is None:
+            key.append((kind, a))
+        elif isinstance(a, Tensor):
+            key.append((a.dtype, a.data_ptr() & 15 == 0, a.get_device()))
+        else:
+            key.append((kind, a))
+    return tuple(key), tuple([(k, type(a), a) for k, a in kwargs.items()])
 
 
 def _tune_key(kernel, args, kwargs) -> tuple:
@@ -121,12 +132,16 @@ def _hook_set(hook) -> bool:
     return True if calls is None else bool(calls)
 
 
+try:
+    from triton import knobs as _knobs
+except ImportError:  # older Triton: no knobs, keep Triton's own launch path
+    _knobs = None
+
+
 def _hooks_installed() -> bool:
-    try:
-        from triton import knobs
-    except ImportError:  # older Triton: no knobs, keep Triton's own launch path
+    if _knobs is None:
         return True
-    return _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
+    return _hook_set(_knobs.runtime.launch_enter_hook) or _hook_set(_knobs.runtime.launch_exit_hook)
 
 
 def _direct_enabled() -> bool:
