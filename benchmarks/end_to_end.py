@@ -168,6 +168,14 @@ def _launch_paths() -> dict:
     return dict(launch.stats)
 
 
+def _autotune_choices() -> list:
+    try:
+        from flashfuse.kernels import launch
+    except ImportError:
+        return []
+    return list(launch.choices)
+
+
 def _counter_totals():
     from torch._dynamo.utils import counters
 
@@ -225,6 +233,7 @@ def measure(name, variant, impl, attn, compiler, args, runner_budget: Budget, ti
                 return loss
 
             c0 = _counter_totals()
+            choices0 = len(_autotune_choices())
             sync(dev)
             with _compile_cache(bool(compiler) and not args.warm_cache):
                 t0 = time.perf_counter()
@@ -245,6 +254,8 @@ def measure(name, variant, impl, attn, compiler, args, runner_budget: Budget, ti
                 if refused:
                     row["flashfuse_counters"] = refused
             launches0 = _launch_paths()
+            if compiler == "flashfuse":  # the configs autotuning chose for this model, to compare runs
+                row["autotune_choices"] = [f"{n} {k} -> {c}" for n, k, c in _autotune_choices()[choices0:]]
             t0 = time.perf_counter()
             for _ in range(steps):
                 loss = step()
