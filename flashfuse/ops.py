@@ -87,7 +87,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Option
 # cost host time on every call of every compiled graph.
 # NB: on an H100 host (torch 2.11) cProfile put ~0.5 ms per call in custom_op's backend
 # wrapper inside a compiled fwd+bwd (benchmarks/launch_overhead.py, 2026-11-22 07:14 and 07:22),
-# against 71-97 us for the forward launcher itself.
+# against 71-97 us for the forward launcher itself; with this registration the wrapper is gone
+# from the profile (07:33), though the unprofiled wall time stayed within the host's noise.
+# On this project's CPU machine a stubbed op call went from 20.4 to 17.2 us.
 _lib = torch.library.Library("flashfuse", "DEF")
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, float scale, bool causal, float dropout_p, "
