@@ -94,12 +94,14 @@ _lib = torch.library.Library("flashfuse", "DEF")
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, float scale, bool causal, float dropout_p, "
     "Tensor? seed, SymInt gqa_group, float mask_value, bool softmax_fp32, str kernel, bool strict=False, "
-    "Tensor? block_layout=None) -> (Tensor, Tensor, Tensor)"
+    "Tensor? block_layout=None) -> (Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),  # as custom_op tags its ops: Dynamo may trace through them
 )
 _lib.define(
     "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor out, Tensor m, "
     "Tensor log_l, float scale, bool causal, float dropout_p, Tensor? seed, SymInt gqa_group, float mask_value, "
-    "bool needs_dbias, str kernel, bool strict=False, Tensor? block_layout=None) -> (Tensor, Tensor, Tensor, Tensor)"
+    "bool needs_dbias, str kernel, bool strict=False, Tensor? block_layout=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
 )
 
 

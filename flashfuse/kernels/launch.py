@@ -291,6 +291,16 @@ def precompile(kind: str, kernel, grid, args: tuple, kwargs: dict) -> int:
 
     from concurrent.futures import ThreadPoolExecutor
 
+    # Triton creates a JITFunction's per-device cache on first use (a defaultdict); create it
+    # here, so the workers all fill the same one instead of racing to create it.
+    try:
+        from triton.runtime import driver
+
+        caches = getattr(_jit_of(kernel)[0], "device_caches", None)
+        if caches is not None:
+            caches[driver.active.get_current_device()]
+    except Exception:  # noqa: BLE001  (a Triton without this layout: the race only costs a recompile)
+        pass
     with ThreadPoolExecutor(max_workers=min(threads, len(candidates)), thread_name_prefix="flashfuse-compile") as pool:
         list(pool.map(compile_one, candidates))
     stats["precompiled"] += len(candidates)
