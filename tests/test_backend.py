@@ -140,6 +140,38 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.flashfuse.attention_backward.default, bwd_args)
 
 
+def test_op_refuses_double_backward():
+    # The op's backward has an autograd formula that refuses: without one, create_graph=True
+    # would run the backward op with grad mode on (in-place writes on leaves, or wrong grads).
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.flashfuse.attention(*_op_args(q, k, v, bias=bias))[0]
+    ref = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5 + bias, -1) @ v
+    (g,) = torch.autograd.grad((out * out).sum(), q, create_graph=True)
+    (g_ref,) = torch.autograd.grad((ref * ref).sum(), q)
+    torch.testing.assert_close(g.detach(), g_ref)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(g.sum(), q)
+
+
+def test_ops_module_reloads():
+    # importlib.reload (Jupyter autoreload) redefines the ops instead of failing on the
+    # namespace; in a subprocess, so this process keeps its registrations.
+    code = textwrap.dedent("""
+        import importlib, torch
+        import flashfuse, flashfuse.ops as ops
+        q = torch.randn(1, 2, 5, 8)
+        before = torch.ops.flashfuse.attention(q, q, q, None, None, 0.5, False, 0.0, None, 1, float("-inf"), True, "reference")[0]
+        importlib.reload(ops)
+        after = torch.ops.flashfuse.attention(q, q, q, None, None, 0.5, False, 0.0, None, 1, float("-inf"), True, "reference")[0]
+        torch.testing.assert_close(before, after)
+        print("reloaded")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "reloaded" in out.stdout, out.stderr[-2000:]
+
+
 def _block_fn(q, k, v):
     s = (q @ k.transpose(-2, -1)) / 4.0
     p = torch.softmax(s, dim=-1)

@@ -315,12 +315,9 @@ def test_autotune_tiers(monkeypatch):
     assert any(c.get("extra_below_d") == 256 for c in fits("default", block_d=256))
     only_extra = [c for c in configs.CONFIGS["fwd"] if c.get("extra")]
     assert configs.prune("fwd", only_extra, 64, 64, 2, 227 * 1024, "default") == only_extra
-    for value, mode in (("1", "default"), ("all", "all"), ("0", "first")):
+    for value, mode in (("1", "default"), ("all", "all"), ("ALL", "all"), ("0", "first"), ("yes", "default"), ("", "default")):
         monkeypatch.setenv("FLASHFUSE_AUTOTUNE", value)
-        assert configs.autotune_mode() == mode
-    monkeypatch.setenv("FLASHFUSE_AUTOTUNE", "yes")
-    with pytest.raises(ValueError, match="FLASHFUSE_AUTOTUNE"):
-        configs.autotune_mode()
+        assert configs.autotune_mode() == mode, value
 
 
 def test_precompile_warms_every_pruned_config_in_threads(monkeypatch):
@@ -356,9 +353,10 @@ def test_precompile_warms_every_pruned_config_in_threads(monkeypatch):
     seen.clear()
     monkeypatch.setenv("FLASHFUSE_COMPILE_THREADS", "1")
     assert launch.precompile("fwd", FakeTuner(), (1,), (x, 32), {}) == 0 and not seen
+    # an unknown value warns once and uses the default thread count: never an exception inside a launch
     monkeypatch.setenv("FLASHFUSE_COMPILE_THREADS", "many")
-    with pytest.raises(ValueError, match="FLASHFUSE_COMPILE_THREADS"):
-        launch.precompile("fwd", FakeTuner(), (1,), (x, 32), {})
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert launch.precompile("fwd", FakeTuner(), (1,), (x, 32), {}) == 3
 
 
 def test_smem_estimate_counts_bias_mask_and_stages():

@@ -1,8 +1,8 @@
 """Autotune configurations for the Triton attention kernels, as data, and their pruning.
 
 Each kernel kind has a list of candidate configs in order of preference: the first one that
-survives pruning (and is not marked "extra") is what runs when autotuning is off (FLASHFUSE_AUTOTUNE=0) and what the
-explain report names as the default. Pruning drops configs whose tiles cannot fit the head
+survives pruning (and is not marked "extra") is what runs when autotuning is off
+(FLASHFUSE_AUTOTUNE=0). Pruning drops configs whose tiles cannot fit the head
 dim, the dtype or the device's shared memory (estimated from every tile a kernel variant
 stages: K/V/Q/dO, the bias and mask tiles, times the pipeline depth). Configs that a launch
 still found out of resources are banned for that kernel variant (`ban`, called by the
@@ -116,15 +116,31 @@ def interpreting() -> bool:
 
 
 AUTOTUNE_MODES = {"0": "first", "1": "default", "all": "all"}
+_warned_env: set = set()
+
+
+def env_choice(name: str, value: Optional[str], valid: str) -> None:
+    """Warn once about an environment value flashfuse does not know (it then uses its default).
+
+    Not an error: these are read inside kernel launches, where an exception would send every
+    call to the slow reference kernel instead of failing loudly once.
+    """
+    if (name, value) not in _warned_env:
+        _warned_env.add((name, value))
+        import logging
+
+        logging.getLogger("flashfuse").warning("flashfuse: ignoring %s=%r (valid: %s); using the default", name, value, valid)
 
 
 def autotune_mode() -> str:
     """FLASHFUSE_AUTOTUNE: "1" (default) benchmarks the configs not marked "extra"; "all" every
-    config (to re-derive the list on a new GPU); "0" runs the first surviving config, no benchmark."""
+    config (to re-derive the list on a new GPU); "0" runs the first default-tier config, no
+    benchmark. Any other value warns once and means "1"."""
     value = os.environ.get("FLASHFUSE_AUTOTUNE", "1")
-    mode = AUTOTUNE_MODES.get(value)
+    mode = AUTOTUNE_MODES.get(value.strip().lower())
     if mode is None:
-        raise ValueError(f"flashfuse: FLASHFUSE_AUTOTUNE must be one of {', '.join(AUTOTUNE_MODES)}, got {value!r}")
+        env_choice("FLASHFUSE_AUTOTUNE", value, ", ".join(AUTOTUNE_MODES))
+        return "default"
     return mode
 
 
@@ -323,13 +339,3 @@ prune_fwd = _pruner("fwd")
 prune_bwd_preprocess = _pruner("bwd_preprocess")
 prune_bwd_dkdv = _pruner("bwd_dkdv")
 prune_bwd_dq = _pruner("bwd_dq")
-
-
-def default_config(kind: str, block_d: int, block_dv: int, dtype: torch.dtype, device=None,
-                   bias_dtype: Optional[torch.dtype] = None, has_mask: bool = False) -> Dict[str, Any]:
-    """The config that runs with autotuning off: the first candidate that survives pruning."""
-    elem_bytes = torch.empty((), dtype=dtype).element_size()
-    bias_bytes = torch.empty((), dtype=bias_dtype).element_size() if bias_dtype is not None else 0
-    dicts = config_dicts(kind)
-    return prune(kind, dicts, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune=False,
-                 bias_bytes=bias_bytes, has_mask=has_mask)[0]

@@ -250,13 +250,15 @@ def _autotune(kind: str, kernel, grid, key, args: tuple, kwargs: dict):
 def _compile_threads() -> int:
     """FLASHFUSE_COMPILE_THREADS: threads that compile an autotune key's configs before it is
     benchmarked (0 or 1: none; the autotuner then compiles each config as it reaches it)."""
+    default = min(8, os.cpu_count() or 1)
     value = os.environ.get("FLASHFUSE_COMPILE_THREADS")
     if value is None:
-        return min(8, os.cpu_count() or 1)
+        return default
     try:
         return max(int(value), 0)
     except ValueError:
-        raise ValueError(f"flashfuse: FLASHFUSE_COMPILE_THREADS must be an integer, got {value!r}") from None
+        configs.env_choice("FLASHFUSE_COMPILE_THREADS", value, "an integer")
+        return default
 
 
 def precompile(kind: str, kernel, grid, args: tuple, kwargs: dict) -> int:
