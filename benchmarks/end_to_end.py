@@ -160,20 +160,20 @@ def build(name: str, attn: str, tiny: bool, device: str, batch: int | None):
 # --------------------------------------------------------------------------------------------
 # one (model, variant) cell
 
-def _launch_paths() -> dict:
-    try:
+def _launch_module():
+    try:  # needs triton
         from flashfuse.kernels import launch
     except ImportError:
-        return {}
-    return dict(launch.stats)
+        return None
+    return launch
+
+
+def _launch_paths() -> dict:
+    return dict(getattr(_launch_module(), "stats", {}))
 
 
 def _autotune_choices() -> list:
-    try:
-        from flashfuse.kernels import launch
-    except ImportError:
-        return []
-    return list(launch.choices)
+    return list(getattr(_launch_module(), "choices", []))
 
 
 def _counter_totals():

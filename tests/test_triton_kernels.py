@@ -296,7 +296,7 @@ def test_configs_prune():
             for elem in (2, 4):
                 kept = configs.prune(kind, configs.CONFIGS[kind], block_d, block_d, elem, 100 * 1024)
                 assert kept, (kind, block_d, elem)
-                one = configs.prune(kind, configs.CONFIGS[kind], block_d, block_d, elem, 100 * 1024, autotune=False)
+                one = configs.prune(kind, configs.CONFIGS[kind], block_d, block_d, elem, 100 * 1024, autotune="first")
                 assert one == kept[:1]
     assert len(configs.config_dicts("fwd")) == 1  # the interpreter's single small config
 
@@ -364,9 +364,9 @@ def test_smem_estimate_counts_bias_mask_and_stages():
     # 262144 bytes of shared memory (232448 available) and must be pruned; without bias/mask it fits
     cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
     assert configs.shared_memory_estimate("fwd", cfg, 128, 128, 2, bias_bytes=2, has_mask=True) >= 262144
-    kept = configs.prune("fwd", configs.CONFIGS["fwd"], 128, 128, 2, 232448, autotune=False, bias_bytes=2, has_mask=True)
+    kept = configs.prune("fwd", configs.CONFIGS["fwd"], 128, 128, 2, 232448, autotune="first", bias_bytes=2, has_mask=True)
     assert (kept[0]["BLOCK_M"], kept[0]["BLOCK_N"]) != (128, 128)
-    assert configs.prune("fwd", configs.CONFIGS["fwd"], 128, 128, 2, 232448, autotune=False)[0]["BLOCK_N"] == 128
+    assert configs.prune("fwd", configs.CONFIGS["fwd"], 128, 128, 2, 232448, autotune="first")[0]["BLOCK_N"] == 128
     for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
         for c in configs.CONFIGS[kind]:
             # the block-sparse walk and the 8-keys-per-call dropout rely on these

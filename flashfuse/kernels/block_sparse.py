@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from flashfuse.kernels.configs import interpreting
+
 EMPTY, FULL, PARTIAL = 0, 1, 2
 
 
@@ -385,8 +387,6 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
 
 def _on_triton(*tensors: Optional[Tensor]) -> bool:
     # the Triton list kernels run where the attention kernels do: CUDA, or the interpreter
-    from flashfuse.kernels.configs import interpreting
-
     present = [t for t in tensors if t is not None]
     return bool(present) and all(t.is_cuda or (t.device.type == "cpu" and interpreting()) for t in present)
 

@@ -22,6 +22,7 @@ Block relations the kernels assert (tl.static_assert):
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Dict, List, Optional
 
@@ -31,6 +32,8 @@ try:  # configs are plain data; triton is only needed to turn them into triton.C
     import triton
 except ImportError:  # pragma: no cover - the launcher never gets here without triton
     triton = None
+
+log = logging.getLogger(__name__)
 
 KINDS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 
@@ -127,9 +130,7 @@ def env_choice(name: str, value: Optional[str], valid: str) -> None:
     """
     if (name, value) not in _warned_env:
         _warned_env.add((name, value))
-        import logging
-
-        logging.getLogger("flashfuse").warning("flashfuse: ignoring %s=%r (valid: %s); using the default", name, value, valid)
+        log.warning("flashfuse: ignoring %s=%r (valid: %s); using the default", name, value, valid)
 
 
 def autotune_mode() -> str:
@@ -142,10 +143,6 @@ def autotune_mode() -> str:
         env_choice("FLASHFUSE_AUTOTUNE", value, ", ".join(AUTOTUNE_MODES))
         return "default"
     return mode
-
-
-def autotune_enabled() -> bool:
-    return autotune_mode() != "first"
 
 
 def config_dicts(kind: str) -> List[Dict[str, Any]]:
@@ -287,18 +284,16 @@ def ban(kind: str, args: Dict[str, Any], config, candidates) -> bool:
     return any(_signature(c) not in gone for c in candidates)
 
 
-def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune="default",
+def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune: str = "default",
           bias_bytes: int = 0, has_mask: bool = False, exclude: Optional[set] = None) -> list:
     """Configs that fit the head dim, dtype and shared memory; never empty.
 
     Works on triton.Config objects (from triton_configs) or plain dicts. exclude: signatures
     of banned configs, dropped first. When nothing fits, the remaining config with the
-    smallest shared-memory estimate is kept. autotune (an `autotune_mode`, or a bool: True is
-    "default", False "first"): "default" drops the configs marked "extra" unless they are all
+    smallest shared-memory estimate is kept. autotune (an `autotune_mode`): "default" drops the configs marked "extra" unless they are all
     that fits, "all" keeps them, "first" keeps only the first config that fits, so nothing
     is benchmarked.
     """
-    mode = ("default" if autotune else "first") if isinstance(autotune, bool) else autotune
     if len(configs) <= 1:
         return list(configs)
     if exclude:
@@ -309,10 +304,10 @@ def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int
     kept = [c for c, d, e in zip(configs, dicts, est) if e <= smem_limit and _fits(d, block_d, block_dv, elem_bytes)]
     if not kept:
         kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
-    if mode != "all":
+    if autotune != "all":
         block = max(block_d, block_dv)
         kept = [c for c in kept if not _is_extra(_as_dict(c), block)] or kept
-    if mode == "first":
+    if autotune == "first":
         kept = kept[:1]
     return kept
 

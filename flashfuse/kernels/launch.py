@@ -35,10 +35,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional
 
+import torch
 from torch import Tensor
 
+from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.errors import OutOfResources
 
@@ -119,8 +122,6 @@ def _tune_key(kernel, args, kwargs) -> tuple:
 
 def _stream():
     """The current stream of the current device, as Triton's own launches get it."""
-    from triton.runtime import driver
-
     return driver.active.get_current_stream(driver.active.get_current_device())
 
 
@@ -284,20 +285,14 @@ def precompile(kind: str, kernel, grid, args: tuple, kwargs: dict) -> int:
     def compile_one(config):
         try:
             if index is not None:
-                import torch
-
                 torch.cuda.set_device(index)  # Triton caches compiled kernels per current device
             kernel.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
         except Exception as e:  # noqa: BLE001  (the autotuner's own launch reports it)
             log.debug("flashfuse: precompiling %s %s failed: %s: %s", kind, config, type(e).__name__, e)
 
-    from concurrent.futures import ThreadPoolExecutor
-
     # Triton creates a JITFunction's per-device cache on first use (a defaultdict); create it
     # here, so the workers all fill the same one instead of racing to create it.
     try:
-        from triton.runtime import driver
-
         caches = getattr(_jit_of(kernel)[0], "device_caches", None)
         if caches is not None:
             caches[driver.active.get_current_device()]

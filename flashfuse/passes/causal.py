@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from flashfuse.passes.graph_utils import is_number, normalize_dim, op_name, val
+from flashfuse.passes.graph_utils import is_number, normalize_dim, op_name, val, written_later
 
 ONES, KEEP, DROP, NEG_ABOVE, ROW, COL = "ones", "keep", "drop", "neg_above", "row", "col"
 _MAX_DEPTH = 16
@@ -118,33 +118,6 @@ def _exact_index_dtype(v: torch.Tensor) -> bool:
     return limit is not None and isinstance(n, int) and n <= limit
 
 
-def _mutated(node: fx.Node, depth: int = 0) -> bool:
-    """Is `node`'s value written in place later in the graph (directly or through a view of it)?
-
-    The provers read a node's producers; an in-place write (`masked_fill_`, `add_`, `x[i] = v`)
-    after it changes the value every later user sees, so such a node proves nothing.
-    """
-    if depth > 8:
-        return True
-    for user in node.users:
-        # the raw method/function name: op_name canonicalizes add_ to add
-        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "") or ""
-        if user.target in _INPLACE_OPERATORS or name in ("setitem", "__setitem__", "copy_"):
-            return True
-        if name.endswith("_") and not name.endswith("__") and user.args and user.args[0] is node:
-            return True
-        if name in _VIEW_OPS and user.args and user.args[0] is node and _mutated(user, depth + 1):
-            return True
-    return False
-
-
-_INPLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift)
-_VIEW_OPS = ("getitem", "view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "t", "permute", "narrow",
-             "select", "as_strided", "split", "chunk", "unbind", "flatten", "unflatten", "view_as", "expand_as", "movedim",
-             "diagonal", "contiguous", "detach", "alias")
-
-
 def _same_dtype(node: fx.Node) -> bool:
     # view(dtype) reinterprets bits: only same-dtype views keep values
     a, b = val(node), val(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
@@ -203,7 +176,7 @@ def _compare(name: str, a, b, depth: int) -> Optional[str]:
 def classify(node, depth: int = 0) -> Optional[str]:
     if not isinstance(node, fx.Node) or depth > _MAX_DEPTH or node.op not in ("call_function", "call_method"):
         return None
-    if _mutated(node):
+    if written_later(node):
         return None
     target, name = node.target, op_name(node)
     if target in (torch.ones, torch.ones_like):
@@ -304,7 +277,7 @@ def additive_fill(bias: fx.Node, scores_shape: tuple) -> Optional[float]:
 def _fill_of(node, depth: int) -> Optional[float]:
     if not isinstance(node, fx.Node) or depth > _MAX_DEPTH or node.op not in ("call_function", "call_method"):
         return None
-    if _mutated(node):
+    if written_later(node):
         return None
     if classify(node, depth) == NEG_ABOVE:
         return float("-inf")

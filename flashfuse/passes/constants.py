@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from flashfuse.passes.graph_utils import written_later
+
 _FACTORIES = {torch.ones, torch.zeros, torch.full, torch.arange, torch.tensor, torch.ones_like, torch.empty, torch.tril, torch.triu, torch.eye}
 _PURE = {
     operator.getitem, operator.eq, operator.ne, operator.ge, operator.gt, operator.le, operator.lt, operator.sub, operator.add,
@@ -42,9 +44,7 @@ def fold(node: Any, _depth: int = 0) -> Optional[Any]:
         return node if _concrete(node) else None
     if _depth > _MAX_DEPTH or node.op not in ("call_function", "call_method"):
         return None
-    from flashfuse.passes.causal import _mutated
-
-    if _mutated(node):
+    if written_later(node):
         return None  # written in place later: its value here is not what later users see
     if node.op == "call_function" and node.target not in _FACTORIES and node.target not in _PURE:
         return None

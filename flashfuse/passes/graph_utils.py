@@ -89,6 +89,33 @@ def is_inplace(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _INPLACE_FUNCTIONS
 
 
+def written_later(node: fx.Node, depth: int = 0) -> bool:
+    """Is `node`'s value written in place later in the graph (directly or through a view of it)?
+
+    The provers and constant folding read a node's producers; an in-place write (`masked_fill_`, `add_`, `x[i] = v`)
+    after it changes the value every later user sees, so such a node proves nothing.
+    """
+    if depth > 8:
+        return True
+    for user in node.users:
+        # the raw method/function name: op_name canonicalizes add_ to add
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "") or ""
+        if user.target in _INPLACE_OPERATORS or name in ("setitem", "__setitem__", "copy_"):
+            return True
+        if name.endswith("_") and not name.endswith("__") and user.args and user.args[0] is node:
+            return True
+        if name in _VIEW_OPS and user.args and user.args[0] is node and written_later(user, depth + 1):
+            return True
+    return False
+
+
+_INPLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift)
+_VIEW_OPS = ("getitem", "view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "t", "permute", "narrow",
+             "select", "as_strided", "split", "chunk", "unbind", "flatten", "unflatten", "view_as", "expand_as", "movedim",
+             "diagonal", "contiguous", "detach", "alias")
+
+
 def val(node: Any) -> Any:
     """The fake value Dynamo recorded for a node (or the constant itself)."""
     if isinstance(node, fx.Node):
