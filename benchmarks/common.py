@@ -107,6 +107,8 @@ def env_info(device: str) -> dict:
         "transformers": _dist_version("transformers"),  # model code decides what reaches the pass
         "timm": _dist_version("timm"),
         "argv": sys.argv,
+        # settings that change what flashfuse runs (autotune tiers and timing, compile threads, caches)
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("FLASHFUSE_", "TRITON_", "TORCHINDUCTOR_"))},
     }
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -269,12 +271,24 @@ def breaks_context(err: str) -> bool:
 
 
 def cleanup(device: str) -> None:
-    gc.collect()
+    gc.collect()  # after settle(), only the objects made since: cheap
     if device == "cuda" and torch.cuda.is_available():
         with contextlib.suppress(Exception):
             torch.cuda.synchronize()
         with contextlib.suppress(Exception):
             torch.cuda.empty_cache()
+
+
+def settle(device: str) -> None:
+    """Between configs: free everything, then freeze the survivors out of later collections.
+
+    NB: a full gc.collect() in a process that has compiled a few graphs took 0.2 s here (460K
+    objects); a sweep that collected two or three times per cell spent minutes in the collector.
+    After gc.freeze() the per-cell cleanup() only walks objects made since.
+    """
+    gc.collect()
+    gc.freeze()
+    cleanup(device)
 
 
 def sync(device: str) -> None:
@@ -594,6 +608,7 @@ class Runner:
         """
         o = self.opts
         row = base_row(self.suite, impl, cfg)
+        cell_t0 = time.perf_counter()
         skip = self.skip_reason(impl, cfg)
         if skip:
             row["error"] = skip
@@ -648,6 +663,7 @@ class Runner:
         finally:
             fn = out = None  # noqa: F841
             cleanup(o.device)
+        row["cell_s"] = round(time.perf_counter() - cell_t0, 3)  # wall time of the whole cell, compiles included
         return self._emit(row, cfg)
 
     def _emit(self, row: dict, cfg: Optional[AttnConfig] = None) -> dict:
@@ -696,6 +712,9 @@ def stamp_now() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+WRITE_EVERY_S = 3.0
+
+
 class ResultSink:
     """Collects rows; rewrites `<suite>_<stamp>.json` after every row (partial results survive a
     kill) in every output dir; `finish` adds the goals, the markdown table and the PNG plot."""
@@ -709,6 +728,7 @@ class ResultSink:
         self.goals: list = []
         self.verbose = verbose
         self.started = time.time()
+        self._written = 0.0
 
     def path(self, d: str, ext: str) -> str:
         return os.path.join(d, f"{self.suite}_{self.stamp}.{ext}")
@@ -717,9 +737,13 @@ class ResultSink:
         self.rows.append(row)
         if self.verbose:
             print(format_row(row), flush=True)
-        self.write_json()
+        # Rewriting the whole file after each of ~800 rows costs O(rows^2); every few seconds
+        # is enough for a killed run to keep its rows.
+        if time.time() - self._written >= WRITE_EVERY_S:
+            self.write_json()
 
     def write_json(self) -> None:
+        self._written = time.time()
         doc = {"suite": self.suite, "meta": self.meta, "args": self.args, "elapsed_s": round(time.time() - self.started, 1),
                "rows": self.rows, "goals": self.goals}
         text = json.dumps(_clean(doc), indent=1)
@@ -888,6 +912,7 @@ def run_suite(module, args, budget: Optional[Budget] = None, meta: Optional[dict
 
         traceback.print_exc()
         sink.add(base_row(module.SUITE, "-", error=f"suite crashed: {describe_error(e)}"))
+    gc.unfreeze()  # settle() froze objects; give them back to the collector (and to exit-time cleanup)
     files = sink.finish(module)
     print(f"== {module.SUITE}: {len(sink.rows)} rows in {time.time() - t0:.0f}s ==", flush=True)
     for f in files:

@@ -12,6 +12,7 @@ additive bias (dBias) and writes those as suite "dbias" rows.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import prewarm  # noqa: E402
 from common import (AttnConfig, Budget, CellOptions, Runner, base_row, build_impl, cleanup, describe_error,  # noqa: E402
                     error_kind, fmt, geomean, goal, goals_markdown, make_inputs, md_table, time_limit)
 
@@ -39,6 +41,12 @@ def add_args(p) -> None:
     p.add_argument("--no-dbias", action="store_true", help="skip the dBias capability test")
     p.add_argument("--warmup-ms", type=float, default=None)
     p.add_argument("--rep-ms", type=float, default=None)
+    p.add_argument("--prewarm", type=int, default=None,
+                   help="compile the cells in this many worker processes before timing (benchmarks/prewarm.py); "
+                        f"default {prewarm.default_workers()} for a full CUDA run, 0 otherwise")
+    p.add_argument("--warm-shard", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--autotune-rep-ms", type=float, default=None,
+                   help="FLASHFUSE_AUTOTUNE_REP_MS for this run (default: 25 for a full run, else the environment's or the library's 100)")
 
 
 def _csv(s, cast):
@@ -90,7 +98,9 @@ def _bench_opts(args):
     elif args.quick:
         w, r = 10.0, 40.0
     else:
-        w, r = 25.0, 100.0
+        # NB: 25 / 100 ms (do_bench's defaults) until 2026-11-22; at 10 / 50 the ~1500 timings of
+        # a full sweep fit one device call with the compiles (medians of >= 10 repetitions).
+        w, r = 10.0, 50.0
     return (args.warmup_ms if args.warmup_ms is not None else w), (args.rep_ms if args.rep_ms is not None else r)
 
 
@@ -99,9 +109,27 @@ def run(args, budget: Budget, sink) -> None:
     opts = CellOptions(device=args.device, kernel=args.kernel, warmup=warmup, rep=rep,
                        cell_timeout=args.cell_timeout_s or (60.0 if args.dry_run else 150.0))
     runner = Runner(SUITE, sink, budget, opts)
+    cfgs = configs(args)
+    rep = args.autotune_rep_ms
+    if rep is None and not (args.quick or args.dry_run) and "FLASHFUSE_AUTOTUNE_REP_MS" not in os.environ:
+        # NB: the autotuner times each candidate for 100 ms by default; a full sweep autotunes
+        # 96 keys x 3 kernels x ~10 candidates. At 25 ms that takes a quarter of the time; the
+        # choices are compared with 100 ms ones in benchmarks/results/NOTES.md (2026-11-22).
+        rep = 25.0
+    if rep is not None:
+        os.environ["FLASHFUSE_AUTOTUNE_REP_MS"] = f"{rep:g}"  # read per autotune; inherited by the prewarm workers
+    sink.meta["autotune_rep_ms"] = float(os.environ.get("FLASHFUSE_AUTOTUNE_REP_MS", 100.0))
+    workers = args.prewarm if args.prewarm is not None else (prewarm.default_workers() if args.device == "cuda" and not args.quick and not args.dry_run else 0)
+    if workers > 0:
+        warm = prewarm.run_workers(os.path.abspath(__file__), _worker_argv(args), workers, seconds=min(180.0, 0.35 * (budget.left() or 600.0)))
+        sink.meta["prewarm"] = {k: v for k, v in warm.items() if k != "log"}
+        print(f"prewarm: {warm['warmed']}/{warm['cells']} cells compiled by {workers} workers in {warm['seconds']} s "
+              f"(return codes {warm['returncodes']})", flush=True)
+        for line in warm["log"]:
+            if " ok " not in line:
+                print("  " + line, flush=True)
     if not args.no_dbias:
         dbias_test(args, runner)
-    cfgs = configs(args)
     # Pass 1: the impls the goals need, over every config; pass 2: the rest. A budget that runs
     # out then costs context (eager, Inductor, mem-efficient), not the goal ratios.
     first = [i for i in args.impl_list if i in GOAL_IMPLS]
@@ -117,8 +145,20 @@ def run(args, budget: Budget, sink) -> None:
         print(f"autotune {name} {key} -> {config}", flush=True)
 
 
+def _worker_argv(args) -> list:
+    """This run's selection, for the prewarm workers (they recompute the same configs)."""
+    argv = ["--device", args.device, "--kernel", args.kernel, "--impls", ",".join(args.impl_list)]
+    argv += [f for f, on in (("--quick", args.quick), ("--dry-run", args.dry_run)) if on]
+    for flag, value in (("--dtypes", args.dtypes), ("--head-dims", args.head_dims), ("--seqlens", args.seqlens),
+                        ("--causal", args.causal), ("--dropout", args.dropout)):
+        if value is not None:
+            argv += [flag, value]
+    return argv
+
+
 def run_config(args, runner: Runner, cfg: AttnConfig, impls: list) -> None:
     torch._dynamo.reset()  # one compile per shape anyway; keeps the caches small
+    common.settle(args.device)
     inputs = None
     try:
         if runner.skip_reason() is None:
@@ -350,7 +390,16 @@ def plot(rows, path, meta) -> None:
     plt.close(fig)
 
 
+def warm_main(argv) -> int:
+    p = argparse.ArgumentParser()
+    common.add_common_args(p)
+    add_args(p)
+    args = p.parse_args(argv)
+    common.resolve_common(args)
+    return prewarm.worker(args, configs(args), args.warm_shard)
+
+
 if __name__ == "__main__":
-    t = time.time()
-    rc = common.main_for(sys.modules[__name__])
-    sys.exit(rc)
+    if "--warm-shard" in sys.argv:
+        sys.exit(warm_main(sys.argv[1:]))
+    sys.exit(common.main_for(sys.modules[__name__]))

@@ -415,3 +415,64 @@ def test_eager_calls_cache_lists_until_the_mask_changes(monkeypatch):
     monkeypatch.setenv(bs.CACHE_ENV, "0")
     flashfuse.attention(q, k, v, mask=keep, kernel="triton")
     assert len(builds) == 3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True])
+def test_eager_calls_drop_a_mask_the_lists_describe(monkeypatch, causal):
+    # A mask with no partially masked block says nothing the lists do not: eager calls (cached
+    # lists) run the kernels without it (HAS_MASK=False), forward and backward, with the same
+    # result. Partial blocks, or no cache (compiled graphs; FLASHFUSE_MASK_CACHE=0), keep it.
+    import flashfuse
+    from flashfuse.kernels import triton_attention
+
+    launched = []
+    real = triton_attention._launch
+    monkeypatch.setattr(triton_attention, "_launch", lambda kind, *a, **kw: launched.append((kind, kw.get("HAS_MASK"))) or real(kind, *a, **kw))
+    bs.kernel_list_cache.clear()
+    gen = torch.Generator().manual_seed(5)
+    aligned = mp.document([128, 128, 44])[None, None]  # every 128 x 128 block is all kept or all masked
+    partial = mp.document([100, 156, 44])[None, None]
+    for keep, env, has_mask in ((aligned, None, False), (partial, None, True), (aligned, "0", True)):
+        if env is None:
+            monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(bs.CACHE_ENV, env)
+        launched.clear()
+        q, k, v = (torch.randn(1, 2, 300, 16, generator=gen, requires_grad=True) for _ in range(3))
+        out = flashfuse.attention(q, k, v, mask=keep, causal=causal, kernel="triton")
+        dout = torch.randn(out.shape, generator=gen)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = oracle.attention(qd, kd, vd, None, keep, 16 ** -0.5, causal)
+        want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
+        assert _rel(out, ref) < 1e-5
+        for g_, w in zip(got, want):
+            assert _rel(g_, w) < 1e-5
+        kinds = {kind for kind, flag in launched if flag is not None}
+        assert kinds == {"fwd", "bwd_dkdv", "bwd_dq"}, launched
+        assert all(flag is has_mask for _, flag in launched if flag is not None), (env, launched)
+
+
+@needs_interpreter
+def test_block_sparse_attention_caches_the_layout_summary(monkeypatch):
+    # Eager calls with one layout build its lists once; an in-place change to the layout is seen.
+    import flashfuse
+
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    bs.kernel_list_cache.clear()
+    builds = []
+    real = bs._pack_lists_triton
+    monkeypatch.setattr(bs, "_pack_lists_triton", lambda *a: builds.append(1) or real(*a))
+    layout, dense = _layout_case(seed=4, hq=2, m=300, n=300)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))
+    for _ in range(3):
+        out = flashfuse.block_sparse_attention(q, k, v, layout, kernel="triton")
+    assert len(builds) == 1
+    layout[:, 2, 0] = ~layout[:, 2, 0]  # in place: the version counter moves
+    dense = layout.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :300, :300][None]
+    out = flashfuse.block_sparse_attention(q, k, v, layout, kernel="triton")
+    assert len(builds) == 2
+    ref, _ = oracle.attention(q.double(), k.double(), v.double(), mask=dense)
+    assert _rel(out, ref) < 1e-5

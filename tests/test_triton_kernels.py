@@ -301,6 +301,26 @@ def test_configs_prune():
     assert len(configs.config_dicts("fwd")) == 1  # the interpreter's single small config
 
 
+def test_autotuner_times_for_flashfuse_autotune_rep_ms(monkeypatch):
+    # Every rendered kernel's autotuner times candidates through configs.autotune_bench, which
+    # runs Triton's do_bench for FLASHFUSE_AUTOTUNE_REP_MS (default Triton's 100 ms).
+    import triton.testing
+
+    opts = render.template_options(torch.float16, 64, has_bias=True, has_mask=False, causal=False,
+                                   dropout=False, needs_dbias=True)
+    for kind in render.KINDS:
+        assert render.kernel(kind, opts).do_bench is configs.autotune_bench, kind
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, quantiles: calls.append((warmup, rep, quantiles)) or [1.0])
+    for value, rep in ((None, 100.0), ("20", 20.0), ("2.5", 2.5), ("0", 100.0), ("-3", 100.0), ("fast", 100.0), ("inf", 100.0)):
+        if value is None:
+            monkeypatch.delenv("FLASHFUSE_AUTOTUNE_REP_MS", raising=False)
+        else:
+            monkeypatch.setenv("FLASHFUSE_AUTOTUNE_REP_MS", value)
+        assert configs.autotune_bench(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0]
+        assert calls[-1] == (max(rep / 4, 1.0), rep, (0.5, 0.2, 0.8)), value
+
+
 def test_autotune_tiers(monkeypatch):
     # "default" benchmarks only the configs not marked extra, "all" every config that fits,
     # "first" one; a default tier that cannot fit falls back to the extras instead of nothing.

@@ -272,6 +272,9 @@ class KernelLists:
     summary: Tensor  # mask, bias and layout combined, before the causal cut
     block: int
     causal: bool = False
+    # No block of `summary` is PARTIAL, so the lists say all the mask says (the kernels then
+    # drop it). Known only for cached (eager) lists: finding out costs one host sync.
+    no_partial: Optional[bool] = None
 
     @property
     def density(self) -> float:
@@ -329,8 +332,9 @@ def _demote_empty(summary: Tensor) -> Tensor:
     return torch.where(summary == EMPTY, PARTIAL, summary).to(torch.int8)
 
 
-class _ListCache:
-    """KernelLists of live, unchanged inputs (same rule as _Cache), keyed with the call's shape."""
+class InputCache:
+    """Values built from live, unchanged input tensors (same rule as _Cache), keyed with extra
+    call arguments: the kernels' lists here, layout summaries in flashfuse.block_sparse_api."""
 
     def __init__(self, size: int = 32):
         self.size = size
@@ -354,7 +358,7 @@ class _ListCache:
         self.entries.clear()
 
 
-kernel_list_cache = _ListCache()
+kernel_list_cache = InputCache()
 
 
 def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optional[Tensor], block: int,
@@ -382,7 +386,14 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
             return _pack_lists_triton(summary, block, m, n, causal)
         return pack_lists(summary, block, m, n, causal)
 
-    return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill)), build)
+    def build_cached():
+        lists = build()
+        lists.no_partial = not bool((lists.summary == PARTIAL).any())  # the one sync per cached mask
+        return lists
+
+    if not caching():
+        return build()
+    return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill)), build_cached)
 
 
 def _on_triton(*tensors: Optional[Tensor]) -> bool:

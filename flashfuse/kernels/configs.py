@@ -145,6 +145,35 @@ def autotune_mode() -> str:
     return mode
 
 
+AUTOTUNE_REP_MS = 100.0  # triton.testing.do_bench's default, which Triton's autotuner uses
+
+
+def autotune_rep_ms() -> float:
+    """FLASHFUSE_AUTOTUNE_REP_MS: milliseconds the autotuner times each candidate config for
+    (warm-up a quarter of that). Default 100, Triton's own. Invalid values warn once."""
+    value = os.environ.get("FLASHFUSE_AUTOTUNE_REP_MS")
+    if value is None:
+        return AUTOTUNE_REP_MS
+    try:
+        rep = float(value)
+    except ValueError:
+        rep = -1.0
+    if not rep > 0 or rep == float("inf"):
+        env_choice("FLASHFUSE_AUTOTUNE_REP_MS", value, "a positive number of milliseconds")
+        return AUTOTUNE_REP_MS
+    return rep
+
+
+def autotune_bench(fn, quantiles=None, **_):
+    """The autotuner's timer (the templates' `do_bench=`): Triton's do_bench, for as long as
+    FLASHFUSE_AUTOTUNE_REP_MS says. A shorter time makes the first call of a shape cheaper, at
+    the price of noisier choices between configs that run within a few percent of each other."""
+    import triton.testing
+
+    rep = autotune_rep_ms()
+    return triton.testing.do_bench(fn, warmup=max(rep / 4, 1.0), rep=rep, quantiles=quantiles)
+
+
 def config_dicts(kind: str) -> List[Dict[str, Any]]:
     """The candidate configs of one kernel kind as plain dicts (the interpreter's one config under TRITON_INTERPRET=1)."""
     if kind not in KINDS:
