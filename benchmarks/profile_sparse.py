@@ -54,6 +54,7 @@ def main() -> None:
                 print(f"  {impl:17s} unsupported: {str(e)[:80]}")
                 continue
             launch._direct.clear()
+            before = dict(launch.stats)
 
             def fwd(fn=fn):
                 return fn(q, k, v)
@@ -64,8 +65,9 @@ def main() -> None:
             fwdbwd()
             t_f = triton.testing.do_bench(fwd, warmup=10, rep=50, return_mode="median")
             t_fb = triton.testing.do_bench(fwdbwd, warmup=10, rep=50, return_mode="median")
+            paths = {k: launch.stats[k] - before.get(k, 0) for k in launch.stats}
             print(f"  {impl:17s} fwd {t_f:.3f} ms  fwd+bwd {t_fb:.3f} ms  host: fwd+bwd {issue_us(fwdbwd):.0f} us, "
-                  f"fwd {issue_us(fwd):.0f} us", flush=True)
+                  f"fwd {issue_us(fwd):.0f} us  launch paths {paths}", flush=True)
             for kname, us in kernel_times(fwdbwd):
                 print(f"      {us:9.1f} us  {kname}")
             if impl.startswith("flashfuse"):

@@ -333,6 +333,9 @@ def test_autotune_tiers(monkeypatch):
     # D=256 fallbacks ("extra_below_d") join the default tier only at that head dim
     assert all(c.get("extra_below_d", 0) <= 64 for c in default)
     assert any(c.get("extra_below_d") == 256 for c in fits("default", block_d=256))
+    # "mask_tier" configs are extra for dense calls and default for calls that load a mask
+    masked = fits("default", has_mask=True)
+    assert [c for c in masked if c.get("mask_tier")] and not [c for c in default if c.get("mask_tier")]
     only_extra = [c for c in configs.CONFIGS["fwd"] if c.get("extra")]
     assert configs.prune("fwd", only_extra, 64, 64, 2, 227 * 1024, "default") == only_extra
     for value, mode in (("1", "default"), ("all", "all"), ("ALL", "all"), ("0", "first"), ("yes", "default"), ("", "default")):

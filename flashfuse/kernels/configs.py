@@ -53,9 +53,13 @@ KINDS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 # 128x64/8 and 128x128/8, dK/dV 32x128/4 or 8 and 64x64/4, dQ 128x64/8 and 64x64/4. Compiling
 # every candidate made the first GPT-2-shaped call take 44.8 s (26 configs) against Inductor's
 # 4.3 s for the same function (benchmarks/results/compile_time_20261122-071445.md).
+# "mask_tier": not extra when the kernel loads a mask (those sweeps had none).
 CONFIGS: Dict[str, List[Dict[str, Any]]] = {
     "fwd": [
-        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64, "extra": True},
+        # NB: extra for dense calls, default when the kernel loads a mask: H100, N=64K sliding
+        # window 4096 (992 partial blocks), forward 2.99 ms against 3.57 ms for the 64 x 64
+        # config the default tier chose (benchmarks/config_probe.py, 2026-11-22).
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64, "extra": True, "mask_tier": True},
         {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "max_block_d": 64, "extra": True},
@@ -258,7 +262,9 @@ def shared_memory_estimate(kind: str, c: Dict[str, Any], block_d: int, block_dv:
     return 0
 
 
-def _is_extra(c: Dict[str, Any], block: int) -> bool:
+def _is_extra(c: Dict[str, Any], block: int, has_mask: bool = False) -> bool:
+    if has_mask and c.get("mask_tier"):
+        return False
     return bool(c.get("extra")) or block < c.get("extra_below_d", 0)
 
 
@@ -269,7 +275,7 @@ def _fits(c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int) -> bo
     return max(block_d, block_dv) <= c.get("max_block_d", 256)
 
 
-_META = ("num_warps", "num_stages", "max_block_d", "fp32", "extra", "extra_below_d")
+_META = ("num_warps", "num_stages", "max_block_d", "fp32", "extra", "extra_below_d", "mask_tier")
 
 
 def _as_dict(c) -> Dict[str, Any]:
@@ -335,7 +341,7 @@ def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int
         kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
     if autotune != "all":
         block = max(block_d, block_dv)
-        kept = [c for c in kept if not _is_extra(_as_dict(c), block)] or kept
+        kept = [c for c in kept if not _is_extra(_as_dict(c), block, has_mask)] or kept
     if autotune == "first":
         kept = kept[:1]
     return kept
