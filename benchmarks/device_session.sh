@@ -4,7 +4,7 @@
 # Steps: tests, overhead, compile, sweep-full (the whole grid, every impl), sweep-bf16 (bf16 p=0, every impl),
 #        sparse-profile (benchmarks/profile_sparse.py on SPARSE_CELLS), tests-sparse (the GPU block-sparse tests),
 #        probes (benchmarks/config_probe.py: forced configs on PROBE_CELL), sweep-small (N=512,1024,2048 bf16), sweep-large (N=4096,8192,16384 bf16),
-#        sweep-fp16, sweep-dropout, sweep-fp16-rest, sweep-dropout-rest, sweep-fp16-dropout, sweep-context (mem-efficient, eager, Inductor), e2e-gpt2bert, e2e-vit, block-sparse, memory.
+#        sweep-fp16, sweep-dropout, sweep-fp16-rest, sweep-dropout-rest, sweep-fp16-dropout, sweep-context (mem-efficient, eager, Inductor), e2e-all (the three models), e2e-gpt2bert, e2e-vit, block-sparse, memory.
 set -uo pipefail
 # The device returns at most 8 files: everything is written under $W and packed into $OUT/run.tgz.
 OUT=${OUT:-/tmp/flashfuse_out}; W=${W:-/tmp/flashfuse_work}; mkdir -p "$OUT" "$W"
@@ -35,6 +35,7 @@ for spec in "$@"; do
         sweep-context) cmd=(python3 benchmarks/kernel_sweep.py --dtypes bf16 --dropout 0 --seqlens 512,1024,2048,4096,8192,16384 --no-dbias --impls sdpa_mem_efficient,eager,inductor --budget-s $budget --out "$W") ;;
         sweep-fp16-dropout) cmd=(python3 benchmarks/kernel_sweep.py --dtypes fp16 --dropout 0.1 --no-dbias --impls flashfuse,flashfuse_op,sdpa_flash,sdpa_cudnn,sdpa_mem_efficient --budget-s $budget --out "$W") ;;
         sweep-dropout) cmd=(python3 benchmarks/kernel_sweep.py --dtypes bf16 --dropout 0.1 --seqlens 1024,4096,16384 --impls flashfuse,flashfuse_op,sdpa_flash,sdpa_cudnn --budget-s $budget --out "$W") ;;
+        e2e-all) cmd=(python3 benchmarks/end_to_end.py --budget-s $budget --out "$W") ;;
         e2e-gpt2bert) cmd=(python3 benchmarks/end_to_end.py --models gpt2,bert --budget-s $budget --out "$W") ;;
         e2e-vit) cmd=(python3 benchmarks/end_to_end.py --models vit --budget-s $budget --out "$W") ;;
         block-sparse) cmd=(python3 benchmarks/block_sparse.py --quick --budget-s $budget --out "$W") ;;
