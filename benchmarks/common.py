@@ -716,8 +716,10 @@ WRITE_EVERY_S = 3.0
 
 
 class ResultSink:
-    """Collects rows; rewrites `<suite>_<stamp>.json` after every row (partial results survive a
-    kill) in every output dir; `finish` adds the goals, the markdown table and the PNG plot."""
+    """Collects rows; rewrites `<suite>_<stamp>.json` in every output dir at most every
+    WRITE_EVERY_S seconds as rows come in (partial results survive a SIGKILL, minus the last
+    few seconds' rows); `finish` writes everything and adds the goals, the markdown table and
+    the PNG plot (run_suite turns SIGTERM into an interruption, so `timeout` gets them too)."""
 
     def __init__(self, suite: str, meta: dict, dirs: list, stamp: str, args: Optional[dict] = None, verbose: bool = True):
         self.suite, self.meta, self.stamp, self.args = suite, meta, stamp, args or {}
@@ -903,15 +905,22 @@ def run_suite(module, args, budget: Optional[Budget] = None, meta: Optional[dict
     t0 = time.time()
     print(f"== {module.SUITE} ({meta['mode']}, device={args.device}, gpu={meta.get('gpu')}, "
           f"budget={'%.0fs' % budget.seconds if budget.seconds else 'none'}) ==", flush=True)
+
+    def _terminated(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         module.run(args, budget, sink)
-    except KeyboardInterrupt:
-        sink.add(base_row(module.SUITE, "-", error="interrupted"))
+    except KeyboardInterrupt as e:
+        sink.add(base_row(module.SUITE, "-", error=f"interrupted {e}".strip()))
     except (Exception, CellTimeout) as e:  # noqa: BLE001  (a bug in a suite still leaves its results)
         import traceback
 
         traceback.print_exc()
         sink.add(base_row(module.SUITE, "-", error=f"suite crashed: {describe_error(e)}"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     gc.unfreeze()  # settle() froze objects; give them back to the collector (and to exit-time cleanup)
     files = sink.finish(module)
     print(f"== {module.SUITE}: {len(sink.rows)} rows in {time.time() - t0:.0f}s ==", flush=True)

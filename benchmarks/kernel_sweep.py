@@ -118,13 +118,16 @@ def run(args, budget: Budget, sink) -> None:
         rep = 25.0
     if rep is not None:
         os.environ["FLASHFUSE_AUTOTUNE_REP_MS"] = f"{rep:g}"  # read per autotune; inherited by the prewarm workers
-    sink.meta["autotune_rep_ms"] = float(os.environ.get("FLASHFUSE_AUTOTUNE_REP_MS", 100.0))
+    from flashfuse.kernels import configs as ff_configs
+
+    sink.meta["autotune_rep_ms"] = ff_configs.autotune_rep_ms()  # what the library makes of the variable
     workers = args.prewarm if args.prewarm is not None else (prewarm.default_workers() if args.device == "cuda" and not args.quick and not args.dry_run else 0)
     if workers > 0:
         warm = prewarm.run_workers(os.path.abspath(__file__), _worker_argv(args), workers, seconds=min(180.0, 0.35 * (budget.left() or 600.0)))
+        warm["planned"] = sum(len(part) for part in prewarm.shares(cfgs, args.impl_list, workers)[0])
         sink.meta["prewarm"] = {k: v for k, v in warm.items() if k != "log"}
-        print(f"prewarm: {warm['warmed']}/{warm['cells']} cells compiled by {workers} workers in {warm['seconds']} s "
-              f"(return codes {warm['returncodes']})", flush=True)
+        print(f"prewarm: {warm['warmed']} of {warm['planned']} cells compiled by {workers} workers in {warm['seconds']} s "
+              f"({warm['killed']} killed at the deadline; return codes {warm['returncodes']})", flush=True)
         for line in warm["log"]:
             if " ok " not in line:
                 print("  " + line, flush=True)

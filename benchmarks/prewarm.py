@@ -18,9 +18,12 @@ quarter of the grid, cuDNN 55 s).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -65,62 +68,82 @@ def units(cfgs: list, impls: list) -> list:
     return out
 
 
-def n_heavy(n: int) -> int:
-    """Workers that take the memory-heavy cells (the first ones); none with fewer than three workers."""
+def n_heavy(n: int, units_: list) -> int:
+    """How many workers (the first ones) take the memory-heavy cells: a third, when there are
+    both kinds of cells and at least three workers; all or none when only one kind is left."""
+    heavy = any(u[1] for u in units_)
+    light = any(not u[1] for u in units_)
+    if not heavy:
+        return 0
+    if not light:
+        return n
     return n // 3 if n >= 3 else 0
 
 
-def memory_share(i: int, n: int) -> float:
-    heavy = n_heavy(n)
-    if heavy == 0:
+def memory_share(i: int, n: int, k: int) -> float:
+    """Worker i's fraction of the GPU's memory, with k heavy workers."""
+    if k == 0 or k == n:
         return min(1.0, 0.9 / n)
-    return HEAVY_SHARE / heavy if i < heavy else LIGHT_SHARE / (n - heavy)
+    return HEAVY_SHARE / k if i < k else LIGHT_SHARE / (n - k)
 
 
-def shares(cfgs: list, impls: list, n: int) -> list:
-    """Each worker's cells: longest unit first to the least-loaded worker of its kind
-    (deterministic, so every worker computes the same split)."""
-    k = n_heavy(n)
+def shares(cfgs: list, impls: list, n: int) -> tuple:
+    """(each worker's cells, how many of the workers are heavy): longest unit first to the
+    least-loaded worker of its kind (deterministic, so every worker computes the same split)."""
+    todo = units(cfgs, impls)
+    k = n_heavy(n, todo)
     load, parts = [0.0] * n, [[] for _ in range(n)]
-    for cost, heavy, cells in sorted(units(cfgs, impls), key=lambda u: -u[0]):
-        pool = range(n) if k == 0 else range(k) if heavy else range(k, n)
+    for cost, heavy, cells in sorted(todo, key=lambda u: -u[0]):
+        pool = range(n) if k in (0, n) else range(k) if heavy else range(k, n)
         i = min(pool, key=lambda j: (load[j], j))
         load[i] += cost
         parts[i].extend(cells)
-    return parts
+    return parts, k
 
 
 def run_workers(script: str, argv: list, n: int, seconds: float) -> dict:
-    """Start `n` copies of `script argv --warm-shard i/n`, wait up to `seconds`, kill the rest."""
+    """Start `n` copies of `script argv --warm-shard i/n`, wait up to `seconds`, kill the rest.
+
+    Each worker writes to its own file (not a pipe: a chatty worker would block on a full pipe
+    until the parent reads it)."""
     env = dict(os.environ)
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # parallelism comes from the workers
     env.setdefault("FLASHFUSE_COMPILE_THREADS", "2")
     env["PYTHONUNBUFFERED"] = "1"
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, script, *argv, "--warm-shard", f"{i}/{n}"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
-    outs, rcs = [], []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1.0, seconds - (time.time() - t0)))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-        outs.append(out or "")
-        rcs.append(p.returncode)
-    lines = [ln for o in outs for ln in o.splitlines() if ln.startswith("[warm]")]
+    with tempfile.TemporaryDirectory(prefix="flashfuse_prewarm_") as tmp:
+        logs = [os.path.join(tmp, f"worker{i}.log") for i in range(n)]
+        procs = []
+        for i in range(n):
+            with open(logs[i], "w") as out:
+                procs.append(subprocess.Popen([sys.executable, script, *argv, "--warm-shard", f"{i}/{n}"], env=env,
+                                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        rcs, killed = [], 0
+        for p in procs:
+            try:
+                rcs.append(p.wait(timeout=max(1.0, seconds - (time.time() - t0))))
+            except subprocess.TimeoutExpired:
+                killed += 1
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)  # the worker and its compile subprocesses
+                rcs.append(p.wait())
+        lines = []
+        for path in logs:
+            with open(path, errors="replace") as f:
+                lines += [ln.rstrip("\n") for ln in f if ln.startswith("[warm]")]
     warmed = sum(1 for ln in lines if " ok " in ln)
-    return {"workers": n, "seconds": round(time.time() - t0, 1), "returncodes": rcs,
+    return {"workers": n, "seconds": round(time.time() - t0, 1), "returncodes": rcs, "killed": killed,
             "cells": len(lines), "warmed": warmed, "log": lines}
 
 
 def worker(args, cfgs: list, shard: str) -> int:
     """One worker: call each of its cells once (fwd + bwd), which compiles and caches it."""
     i, n = (int(x) for x in shard.split("/"))
-    mine = shares(cfgs, args.impl_list, n)[i]
+    parts, k = shares(cfgs, args.impl_list, n)
+    mine = parts[i]
     dev = args.device
     if dev == "cuda":
-        torch.cuda.set_per_process_memory_fraction(memory_share(i, n))
+        torch.cuda.set_per_process_memory_fraction(memory_share(i, n, k))
     for cfg, impl in mine:
         if impl != "flashfuse_op":
             torch._dynamo.reset()  # as the timing process does per config

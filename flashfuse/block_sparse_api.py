@@ -44,8 +44,10 @@ def layout_summary(layout: Tensor, b: int, hq: int, m: int, n: int) -> Tensor:
     return torch.where(layout, block_sparse.FULL, block_sparse.EMPTY).to(torch.int8).contiguous()
 
 
-# Eager calls reuse a layout's summary while the layout is alive and unchanged, so the op's
-# list cache (keyed on the summary tensor) hits as well. NB: H100, N=4096: without it every
+# Eager calls reuse a layout's summary while the layout is alive and unchanged (the rule of the
+# mask cache, flashfuse.kernels.block_sparse.caching: writes through PyTorch ops are seen, writes
+# that bypass the version counter need FLASHFUSE_MASK_CACHE=0), so the op's list cache (keyed
+# on the summary tensor) hits as well. NB: H100, N=4096: without it every
 # call rebuilt the lists, 658 us of host time per forward against 134 us for the mask API
 # (benchmarks/profile_sparse.py, 2026-11-22).
 _summaries = block_sparse.InputCache(size=16)
@@ -66,7 +68,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, *, s
     """softmax(scale * q k^T restricted to the layout's blocks) @ v. Returns [B, Hq, M, Dv].
 
     q [B, Hq, M, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv], Hq = Hkv * gqa_group; layout: see the
-    module docstring. Differentiable in q, k, v.
+    module docstring. Differentiable in q, k, v. Eager calls cache the layout's lists while the
+    layout is alive and unchanged: edit it with PyTorch ops (in place is fine), or set
+    FLASHFUSE_MASK_CACHE=0 if it is written behind PyTorch's back (`.data`, a NumPy view).
     """
     b, hq, m, d = q.shape
     n = k.shape[2]

@@ -476,3 +476,95 @@ def test_block_sparse_attention_caches_the_layout_summary(monkeypatch):
     assert len(builds) == 2
     ref, _ = oracle.attention(q.double(), k.double(), v.double(), mask=dense)
     assert _rel(out, ref) < 1e-5
+
+
+def _aligned_doc():
+    return mp.document([128, 128, 44])[None, None]
+
+
+def _hidden_partial():
+    # partial mask blocks only where the bias is -inf everywhere (an EMPTY bias block)
+    bias = torch.zeros(1, 2, 300, 300)
+    bias[..., :128, 128:256] = float("-inf")
+    keep = torch.ones(1, 1, 300, 300, dtype=torch.bool)
+    keep[..., :128, 128:200] = False
+    return keep, bias
+
+
+# name -> (mask, kwargs of flashfuse.attention): cases where dropping the mask is allowed or
+# must not happen; the result must match the oracle either way.
+DROP_CASES = {
+    "all_kept_finite_fill": lambda: (torch.ones(1, 1, 300, 300, dtype=torch.bool), dict(mask_value=-1e4)),
+    "aligned_doc_dropout": lambda: (_aligned_doc(), dict(dropout_p=0.2)),
+    "aligned_doc_gqa_causal": lambda: (_aligned_doc(), dict(causal=True, gqa_group=2)),
+    "padding_b11n_causal": lambda: (mp.padding([256, 300], 300), dict(causal=True)),
+    "bias_hides_partial": lambda: (_hidden_partial()[0], dict(bias=_hidden_partial()[1])),
+    "bias_hides_partial_finite": lambda: (_hidden_partial()[0], dict(bias=_hidden_partial()[1], mask_value=-1e4)),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", sorted(DROP_CASES))
+def test_mask_drop_matches_the_oracle(monkeypatch, name):
+    # Same results with the list cache on (the mask may be dropped) and off (never dropped).
+    import flashfuse
+    from flashfuse.kernels import philox
+
+    mask, kw = DROP_CASES[name]()
+    b = mask.shape[0]
+    group = kw.get("gqa_group", 1)
+    gen = torch.Generator().manual_seed(len(name))
+    q = torch.randn(b, 2 * group, 300, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(b, 2, 300, 16, generator=gen, requires_grad=True) for _ in range(2))
+    bias = kw.get("bias")
+    bias = bias.clone().requires_grad_() if bias is not None else None
+    dout = torch.randn(q.shape, generator=gen)
+    p = kw.get("dropout_p", 0.0)
+    got = {}
+    for env in (None, "0"):
+        if env is None:
+            monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(bs.CACHE_ENV, env)
+        bs.kernel_list_cache.clear()
+        torch.manual_seed(3)  # the op draws its dropout seed from the global generator
+        out = flashfuse.attention(q, k, v, bias=bias, mask=mask, kernel="triton", **{k_: v_ for k_, v_ in kw.items() if k_ != "bias"})
+        leaves = (q, k, v) + ((bias,) if bias is not None else ())
+        got[env] = (out, torch.autograd.grad(out, leaves, dout))
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64))
+    keep = philox.keep_mask(seed, p, b, 2 * group, 300, 300) if p > 0 else None
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v) + ((bias,) if bias is not None else ())]
+    bd = leaves[3] if bias is not None else None
+    ref, _ = oracle.attention(*leaves[:3], bd, mask, 16 ** -0.5, kw.get("causal", False), p, seed, group,
+                              kw.get("mask_value", float("-inf")), keep=keep)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for env, (out, grads) in got.items():
+        assert _rel(out, ref) < 1e-5, (env, _rel(out, ref))
+        for g_, w in zip(grads, want):
+            assert _rel(g_, w) < 1e-5, (env, _rel(g_, w))
+
+
+@needs_interpreter
+def test_inference_mode_masks_and_layouts_use_the_kernels_uncached(monkeypatch):
+    # Inference tensors have no version counter: no cache key, so no caching, but the Triton
+    # kernels still run (they used to fall back to the reference kernel on the key's error).
+    import flashfuse
+    from flashfuse.kernels import triton_attention
+
+    launched = []
+    real = triton_attention._launch
+    monkeypatch.setattr(triton_attention, "_launch", lambda kind, *a, **kw: launched.append(kind) or real(kind, *a, **kw))
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))
+    layout, dense = _layout_case(seed=1, hq=2, m=300, n=300)
+    with torch.inference_mode():
+        keep = mp.sliding_window(300, 300, window=50)[None, None]
+        lay = layout.clone()
+        out_mask = flashfuse.attention(q, k, v, mask=keep, kernel="triton")
+        out_lay = flashfuse.block_sparse_attention(q, k, v, lay, kernel="triton")
+    assert launched.count("fwd") == 2
+    ref_mask, _ = oracle.attention(q.double(), k.double(), v.double(), mask=keep)
+    ref_lay, _ = oracle.attention(q.double(), k.double(), v.double(), mask=dense)
+    assert _rel(out_mask, ref_mask) < 1e-5 and _rel(out_lay, ref_lay) < 1e-5

@@ -336,6 +336,7 @@ def test_autotune_tiers(monkeypatch):
     # "mask_tier" configs are extra for dense calls and default for calls that load a mask
     masked = fits("default", has_mask=True)
     assert [c for c in masked if c.get("mask_tier")] and not [c for c in default if c.get("mask_tier")]
+    assert fits("first", has_mask=True) == default[:1]
     only_extra = [c for c in configs.CONFIGS["fwd"] if c.get("extra")]
     assert configs.prune("fwd", only_extra, 64, 64, 2, 227 * 1024, "default") == only_extra
     for value, mode in (("1", "default"), ("all", "all"), ("ALL", "all"), ("0", "first"), ("yes", "default"), ("", "default")):

@@ -169,7 +169,7 @@ class _Cache:
         return (id(_owner(t)), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version, block_m, block_n)
 
     def get(self, t: Tensor, block_m: int, block_n: int) -> Tensor:
-        if not caching():
+        if not caching() or not keyable(t):
             return summarize(t, block_m, block_n)
         key = self._key(t, block_m, block_n)
         hit = self.entries.get(key)
@@ -191,6 +191,17 @@ class _Cache:
 
 def _owner(t: Tensor) -> Tensor:
     return t if t._base is None else t._base
+
+
+def keyable(t: Optional[Tensor]) -> bool:
+    """Whether a cache key can prove `t` unchanged: not for inference tensors (no version
+    counter) nor tensors without storage (fake tensors while tracing), which are not cached."""
+    if t is None:
+        return True
+    try:
+        return not t.is_inference() and t.data_ptr() is not None and t._version >= 0
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
 
 
 CACHE_ENV = "FLASHFUSE_MASK_CACHE"
@@ -341,7 +352,7 @@ class InputCache:
         self.entries: OrderedDict = OrderedDict()
 
     def get(self, tensors, extra, build):
-        if not caching():
+        if not caching() or not all(keyable(t) for t in tensors):
             return build()
         key = tuple(None if t is None else _Cache._key(t, 0, 0) for t in tensors) + tuple(extra)
         hit = self.entries.get(key)

@@ -1,0 +1,67 @@
+"""The benchmark harness's own logic on the CPU: the prewarm split and a dry run of the kernel
+sweep with prewarm workers (tiny sizes; the timings mean nothing here)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import common  # noqa: E402
+import kernel_sweep  # noqa: E402
+import prewarm  # noqa: E402
+
+
+def _args(*argv):
+    p = kernel_sweep.argparse.ArgumentParser()
+    common.add_common_args(p)
+    kernel_sweep.add_args(p)
+    a = p.parse_args(list(argv))
+    a.dry_run = a.dry_run or False
+    return a
+
+
+@pytest.mark.parametrize("impls", [list(common.RUN_ORDER), ["flex", "sdpa_flash"], ["inductor"], ["flashfuse_op", "inductor"]])
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 12])
+def test_prewarm_shares_cover_every_cell_once(impls, n):
+    cfgs = kernel_sweep.configs(_args())  # the full grid
+    parts, k = prewarm.shares(cfgs, impls, n)
+    assert parts == prewarm.shares(cfgs, impls, n)[0]  # every worker computes the same split
+    got = sorted((c.label(), i) for part in parts for c, i in part)
+    want = sorted((c.label(), i) for c in cfgs for i in impls
+                  if i in prewarm.WARM_COST and not (i == "flex" and c.dropout > 0))
+    assert got == want
+    fams = {}
+    for w, part in enumerate(parts):
+        for c, i in part:
+            if i == "flashfuse_op":
+                fams.setdefault(c.family(), set()).add(w)
+            if 0 < k < n:
+                assert (w < k) == (i == "inductor"), (w, i)
+    assert all(len(ws) == 1 for ws in fams.values())  # one process compiles a family's binaries
+    assert sum(prewarm.memory_share(i, n, k) for i in range(n)) <= 0.9 + 1e-9
+    if "inductor" in impls and len(impls) > 1 and n >= 3:
+        assert k == n // 3
+
+
+def test_kernel_sweep_dry_run_with_prewarm(tmp_path):
+    # Two prewarm workers and the timing process, end to end: every cell is a row (errors
+    # included), the prewarm summary is in the JSON's meta.
+    env = {k: v for k, v in os.environ.items() if k != "FLASHFUSE_AUTOTUNE_REP_MS"}
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "kernel_sweep.py"), "--dry-run", "--no-dbias", "--prewarm", "2",
+                           "--impls", "flashfuse_op,flashfuse,sdpa_flash,inductor", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    doc = json.loads(path.read_text())
+    warm = doc["meta"]["prewarm"]
+    assert warm["workers"] == 2 and warm["returncodes"] == [0, 0] and warm["killed"] == 0
+    assert warm["warmed"] == warm["planned"] > 0, warm
+    rows = [r for r in doc["rows"] if r["suite"] == "kernel_sweep"]
+    assert len(rows) == 4 * len(kernel_sweep.configs(_args("--dry-run")))
+    assert all(r.get("fwd_ms") is not None for r in rows if r["impl"] != "sdpa_flash" or not r["dropout"]), rows
+    assert all(r.get("cell_s") is not None for r in rows)
