@@ -14,6 +14,7 @@ autotuning), then the steady-state forward+backward with do_bench. Settings:
     threads-all      every config (FLASHFUSE_AUTOTUNE=all), precompiled in threads
     serial-all       every config, one after another (the behaviour before the tiers)
     first            FLASHFUSE_AUTOTUNE=0: one config, nothing benchmarked
+    threads-rep25    threads-default with each candidate timed for 25 ms (FLASHFUSE_AUTOTUNE_REP_MS=25), not 100
     inductor         the same function through the Inductor backend
 
 `compile_s` is the first call's wall time; `fwdbwd_ms` the steady state (the price of a shorter
@@ -46,6 +47,7 @@ SETTINGS = {
     "threads-all": {"FLASHFUSE_AUTOTUNE": "all"},
     "serial-all": {"FLASHFUSE_AUTOTUNE": "all", "FLASHFUSE_COMPILE_THREADS": "0"},
     "first": {"FLASHFUSE_AUTOTUNE": "0"},
+    "threads-rep25": {"FLASHFUSE_AUTOTUNE": "1", "FLASHFUSE_AUTOTUNE_REP_MS": "25"},
     "inductor": {},
 }
 # GPT-2 small's and BERT-base's attention (bf16, dropout 0.1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call running several steps in order, each under its own time limit; logs to $OUT.
-#   FLASHFUSE_GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_session.sh STEP[:SECONDS] ...
+#   FLASHFUSE_GIT_COMMIT=<hash, written out where you launch it: the device's .git copy can be stale> bash benchmarks/device_session.sh STEP[:SECONDS] ...
 # Steps: tests, overhead, compile, sweep-full (the whole grid, every impl), sweep-bf16 (bf16 p=0, every impl),
 #        sparse-profile (benchmarks/profile_sparse.py on SPARSE_CELLS), tests-sparse (the GPU block-sparse tests),
 #        probes (benchmarks/config_probe.py: forced configs on PROBE_CELL), sweep-small (N=512,1024,2048 bf16), sweep-large (N=4096,8192,16384 bf16),
