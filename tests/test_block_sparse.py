@@ -175,6 +175,18 @@ def run_sparse(mask=None, bias=None, layout=None, dense=None, causal=False, b=1,
     return out
 
 
+def _spy(monkeypatch, module, name, record=lambda *a, **kw: a[:1]) -> list:
+    """Wrap module.name so each call appends record(*args, **kwargs) to the returned list."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*a, **kw):
+        calls.append(record(*a, **kw))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 # name -> (mask [.., M, N], kwargs of run_sparse)
 KERNEL_PATTERNS = {
     "sliding_window-causal": lambda: (mp.sliding_window(300, 300, window=100)[None, None], dict(causal=True)),
@@ -398,9 +410,7 @@ def test_eager_calls_cache_lists_until_the_mask_changes(monkeypatch):
 
     monkeypatch.delenv(bs.CACHE_ENV, raising=False)
     bs.kernel_list_cache.clear()
-    builds = []
-    real = bs._kernel_lists_triton
-    monkeypatch.setattr(bs, "_kernel_lists_triton", lambda *a: builds.append(1) or real(*a))
+    builds = _spy(monkeypatch, bs, "_kernel_lists_triton")
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 100, 16, generator=gen) for _ in range(3))
     keep = mp.sliding_window(100, 100, window=30)[None, None].clone()
@@ -426,9 +436,7 @@ def test_eager_calls_drop_a_mask_the_lists_describe(monkeypatch, causal):
     import flashfuse
     from flashfuse.kernels import triton_attention
 
-    launched = []
-    real = triton_attention._launch
-    monkeypatch.setattr(triton_attention, "_launch", lambda kind, *a, **kw: launched.append((kind, kw.get("HAS_MASK"))) or real(kind, *a, **kw))
+    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: (kind, kw.get("HAS_MASK")))
     bs.kernel_list_cache.clear()
     gen = torch.Generator().manual_seed(5)
     aligned = mp.document([128, 128, 44])[None, None]  # every 128 x 128 block is all kept or all masked
@@ -461,9 +469,7 @@ def test_block_sparse_attention_caches_the_layout_summary(monkeypatch):
 
     monkeypatch.delenv(bs.CACHE_ENV, raising=False)
     bs.kernel_list_cache.clear()
-    builds = []
-    real = bs._pack_lists_triton
-    monkeypatch.setattr(bs, "_pack_lists_triton", lambda *a: builds.append(1) or real(*a))
+    builds = _spy(monkeypatch, bs, "_pack_lists_triton")
     layout, dense = _layout_case(seed=4, hq=2, m=300, n=300)
     gen = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))
@@ -552,9 +558,7 @@ def test_inference_mode_masks_and_layouts_use_the_kernels_uncached(monkeypatch):
     import flashfuse
     from flashfuse.kernels import triton_attention
 
-    launched = []
-    real = triton_attention._launch
-    monkeypatch.setattr(triton_attention, "_launch", lambda kind, *a, **kw: launched.append(kind) or real(kind, *a, **kw))
+    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: kind)
     monkeypatch.delenv(bs.CACHE_ENV, raising=False)
     gen = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))
