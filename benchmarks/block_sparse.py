@@ -58,6 +58,7 @@ BLOCK = 128
 FLEX_EAGER_MASK_MAX_N = 16384   # above this, create_block_mask runs compiled (eager materializes N^2 int64 temporaries)
 LINEAR_LO, LINEAR_HI = 0.85, 1.15
 OUT_TOL = 0.08                  # bf16/fp16 max abs difference accepted between impls
+HOST_CHECK_BELOW_MS = 5.0       # host time per fwd+bwd is measured for cells faster than this (slower ones are GPU-bound)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,6 +376,8 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
                 return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
 
             common.time_fwdbwd(row, fwdbwd, fl, o)
+            if row.get("fwdbwd_ms") is not None and row["fwdbwd_ms"] < HOST_CHECK_BELOW_MS:
+                row["host_fwdbwd_us"] = round(common.host_us(fwdbwd, o.device), 1)
             stage = "peak"
             row["peak_mb"], row["peak_delta_mb"] = common.peak_memory_mb(fwdbwd, o.device)
     except (Exception, CellTimeout) as e:  # noqa: BLE001  (every failure is a row)
@@ -615,15 +618,21 @@ def render_markdown(rows, goals, meta) -> str:
             for i in ("flashfuse_op", "flashfuse_layout", "flex"):
                 r = by.get((i, k))
                 cells.append(common.fmt(r.get("setup_ms"), 2) if r else "")
+            for i in ("flashfuse_op", "flex"):
+                r = by.get((i, k))
+                cells.append(common.fmt(r.get("host_fwdbwd_us"), 0) if r else "")
             for i in impls:
                 r = by.get((i, k)) if i != "flashfuse_dense" else dense.get((dt, b, h, n, d))
                 cells.append("" if r is None else (f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else (error_kind(r.get("error")) or "")))
             table.append([n, pat, "" if param is None else param, *cells])
-        out += [f"## D={d}: setup ms and peak MB of fwd+bwd", "",
+        out += [f"## D={d}: setup ms, host us and peak MB of fwd+bwd", "",
                 "setup: flashfuse_op = block summary of the mask (computed on the first call, then cached per mask tensor); "
                 "flashfuse_layout = the same plus the layout; flex = create_block_mask (a warm call; compiled above "
-                f"N={FLEX_EAGER_MASK_MAX_N}). Peak includes q, k, v, dout, grads and the N x N bool mask (built for every impl).", "",
-                md_table(["N", "pattern", "window / doc len", "setup op", "setup layout", "setup flex", *[f"peak {i}" for i in impls]], table), ""]
+                f"N={FLEX_EAGER_MASK_MAX_N}). host: microseconds of host time per fwd+bwd (20 calls issued without "
+                "waiting for the GPU); a fwd+bwd time near it is host-bound. Peak includes q, k, v, dout, grads and the "
+                "N x N bool mask (built for every impl).", "",
+                md_table(["N", "pattern", "window / doc len", "setup op", "setup layout", "setup flex", "host op", "host flex",
+                          *[f"peak {i}" for i in impls]], table), ""]
     sd = [r for r in main if r["impl"] == "sdpa_mask" and r.get("sdpa_backend")]
     if sd:
         out += ["SDPA backend chosen with the mask: " + ", ".join(sorted({r["sdpa_backend"] for r in sd})), ""]

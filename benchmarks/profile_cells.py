@@ -43,15 +43,8 @@ def kernel_times(fn, iters: int = 10) -> list:
 
 
 def issue_us(fn, n: int = 20) -> float:
-    """Host microseconds per call, with the GPU left to catch up afterwards."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
+    """Host microseconds per call, with the GPU left to catch up afterwards (common.host_us)."""
+    return common.host_us(fn, "cuda", n)
 
 
 def chosen_configs() -> list:
