@@ -1,0 +1,152 @@
+"""Registers, shared memory and stack (spills) of the op's Triton kernels, compiled for an H100
+(sm_90) on any machine: no GPU needed.
+
+    python benchmarks/kernel_resources.py --mask sliding:256 --configs 64,64,4,3 128,64,4,3
+    python benchmarks/kernel_resources.py --kinds fwd,bwd_dq,bwd_dkdv --configs 64,64,4,3,128
+
+A config is BLOCK_M,BLOCK_N,num_warps,num_stages[,maxnreg]. The script runs the op's launcher on
+CPU tensors of the given shape with the launch intercepted, so it sees the exact arguments and
+constexprs a GPU call would pass. From them it builds Triton's signature and specialization
+(16-byte pointer alignment, ints divisible by 16, ints equal to 1 as constants). It then
+compiles for GPUTarget("cuda", 90) and reads the cubin's resource usage with the cuobjdump
+that Triton ships.
+
+NB: 2026-11-22, this machine's Triton 3.9 against the H100's Triton 3.6 (benchmarks/results/NOTES.md).
+The 64x64/4-warp/3-stage forward matched: 118 registers and 57344 B shared without a mask, and
+157 / 65536 with a sliding-window mask (the GPU reported 156 / 65536). The backward kernels
+differ by up to ~20 registers between the two versions (dQ with the mask: 168 here, 191 on the
+GPU; dK/dV 244 vs 237), with the same shared memory. Use it to try template changes aimed at
+registers or shared memory before spending GPU time; times still need the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU target, not the interpreter rendering
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+           torch.int64: "*i64", torch.bool: "*i1", torch.int8: "*i8"}
+
+
+class _Captured(Exception):
+    pass
+
+
+def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype) -> tuple:
+    """(kernel, args, kwargs) that the op's launcher passes for `kind`, captured before launching."""
+    from flashfuse.kernels import triton_attention
+
+    seen = {}
+
+    def capture(k, kernel, grid, *args, **kwargs):
+        seen[k] = (kernel, args, kwargs)
+        if k == kind:
+            raise _Captured
+
+    q, k, v, dout = (torch.randn(1, heads, n, d, dtype=dtype) for _ in range(4))
+    real = triton_attention._launch
+    triton_attention._launch = capture
+    try:
+        if kind == "fwd":
+            triton_attention.attention_forward(q, k, v, None, mask, d ** -0.5, causal, 0.0, None, 1, float("-inf"))
+        else:
+            out, stat = torch.empty_like(q), torch.zeros(1, heads, n)
+            triton_attention.attention_backward(dout, q, k, v, None, mask, out, stat, stat, d ** -0.5, causal, 0.0, None, 1,
+                                                float("-inf"), False)
+    except _Captured:
+        pass
+    finally:
+        triton_attention._launch = real
+    return seen[kind]
+
+
+def resources(kernel, args: tuple, kwargs: dict, config: dict) -> tuple:
+    """(registers, shared bytes, stack bytes) of `kernel` compiled for sm_90 with these arguments."""
+    from flashfuse.kernels import launch
+
+    jit, rules = launch._jit_of(kernel)
+    meta = {k: config[k] for k in ("BLOCK_M", "BLOCK_N") if k in config}
+    named = {**dict(zip(jit.arg_names, args)), **kwargs, **meta}
+    for name, rule in rules.items():
+        named[name] = rule(named)
+    signature, constants, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(jit.arg_names, jit.params)):
+        a = named[name]
+        if param.is_constexpr or a is None or (isinstance(a, int) and not isinstance(a, bool) and a == 1):
+            signature[name], constants[name] = "constexpr", a
+        elif isinstance(a, torch.Tensor):
+            signature[name], attrs[(i,)] = POINTER[a.dtype], [["tt.divisibility", 16]]
+        elif isinstance(a, bool):
+            signature[name] = "i1"
+        elif isinstance(a, int):
+            signature[name] = "i32" if -(2 ** 31) <= a < 2 ** 31 else "i64"
+            if a % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            signature[name] = "fp32"
+        else:
+            signature[name], constants[name] = "constexpr", a
+    options = {k: config[k] for k in ("num_warps", "num_stages", "maxnreg") if k in config}
+    compiled = triton.compile(ASTSource(jit, signature, constants, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+
+    def field(key):
+        found = re.search(key + r":(\d+)", usage)
+        return int(found.group(1)) if found else None
+
+    return field("REG"), compiled.metadata.shared, field("STACK")
+
+
+def build_mask(spec: str, n: int):
+    from flashfuse import mask_patterns as mp
+
+    if spec == "none":
+        return None
+    kind, value = spec.split(":")
+    if kind == "sliding":
+        return mp.sliding_window(n, n, int(value))[None, None]
+    if kind == "document":
+        size = int(value)
+        return mp.document([size] * (n // size) + ([n % size] if n % size else []))[None, None]
+    raise SystemExit(f"unknown mask {spec!r}: none, sliding:W or document:L")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--mask", default="none", help="none, sliding:W or document:L (a bool mask, as flashfuse.attention(mask=...))")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--kinds", default="fwd", help="comma list of fwd, bwd_dq, bwd_dkdv")
+    p.add_argument("--configs", nargs="+", default=["64,64,4,3"])
+    args = p.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    mask = build_mask(args.mask, args.n)
+    for kind in args.kinds.split(","):
+        kernel, a, kw = launch_args(kind, args.n, args.d, args.heads, mask, args.causal, dtype)
+        for spec in args.configs:
+            parts = [int(x) for x in spec.split(",")]
+            config = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"), parts))
+            regs, shared, stack = resources(kernel, a, kw, config)
+            print(f"{kind:9s} {spec:>16s}  mask={args.mask} causal={int(args.causal)}  {regs} registers, {shared} B shared, "
+                  f"{stack} B stack", flush=True)
+
+
+if __name__ == "__main__":
+    main()
