@@ -42,7 +42,8 @@ class _Captured(Exception):
     pass
 
 
-def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype) -> tuple:
+def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype, bias: bool = False,
+                dropout_p: float = 0.0) -> tuple:
     """(kernel, args, kwargs) that the op's launcher passes for `kind`, captured before launching."""
     from flashfuse.kernels import triton_attention
 
@@ -54,15 +55,17 @@ def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype
             raise _Captured
 
     q, k, v, dout = (torch.randn(1, heads, n, d, dtype=dtype) for _ in range(4))
+    b = torch.randn(1, heads, n, n, dtype=dtype) if bias else None
+    seed = torch.tensor([7], dtype=torch.int64) if dropout_p > 0 else None
     real = triton_attention._launch
     triton_attention._launch = capture
     try:
         if kind == "fwd":
-            triton_attention.attention_forward(q, k, v, None, mask, d ** -0.5, causal, 0.0, None, 1, float("-inf"))
+            triton_attention.attention_forward(q, k, v, b, mask, d ** -0.5, causal, dropout_p, seed, 1, float("-inf"))
         else:
             out, stat = torch.empty_like(q), torch.zeros(1, heads, n)
-            triton_attention.attention_backward(dout, q, k, v, None, mask, out, stat, stat, d ** -0.5, causal, 0.0, None, 1,
-                                                float("-inf"), False)
+            triton_attention.attention_backward(dout, q, k, v, b, mask, out, stat, stat, d ** -0.5, causal, dropout_p, seed, 1,
+                                                float("-inf"), bias)
     except _Captured:
         pass
     finally:
@@ -111,6 +114,21 @@ def resources(kernel, args: tuple, kwargs: dict, config: dict) -> tuple:
     return field("REG"), compiled.metadata.shared, field("STACK")
 
 
+def pruned_configs(kind: str, kernel, args: tuple, kwargs: dict, smem_limit: int) -> list:
+    """The configs the op's pruning keeps for this call on a GPU with `smem_limit` bytes of shared
+    memory per block, every tier included (FLASHFUSE_AUTOTUNE=all), as resource() configs."""
+    from flashfuse.kernels import configs, launch
+
+    jit, _ = launch._jit_of(kernel)
+    named = {**dict(zip(jit.arg_names, args)), **kwargs}
+    ref = named.get("Q", named.get("DO"))
+    bias = named.get("Bias")
+    kept = configs.prune(kind, configs.CONFIGS[kind], int(named["BLOCK_D"]), int(named["BLOCK_DV"]), ref.element_size(),
+                         smem_limit, "all", bias_bytes=bias.element_size() if bias is not None else 0,
+                         has_mask=named.get("Mask") is not None)
+    return [{k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in c} for c in kept]
+
+
 def build_mask(spec: str, n: int):
     from flashfuse import mask_patterns as mp
 
@@ -133,19 +151,27 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--mask", default="none", help="none, sliding:W or document:L (a bool mask, as flashfuse.attention(mask=...))")
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--bias", action="store_true", help="an additive [1, H, N, N] bias (and its gradient in the backward)")
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--kinds", default="fwd", help="comma list of fwd, bwd_dq, bwd_dkdv")
-    p.add_argument("--configs", nargs="+", default=["64,64,4,3"])
+    p.add_argument("--configs", nargs="+", default=["64,64,4,3"], help="or `pruned`: every config the op's pruning keeps")
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     mask = build_mask(args.mask, args.n)
     for kind in args.kinds.split(","):
-        kernel, a, kw = launch_args(kind, args.n, args.d, args.heads, mask, args.causal, dtype)
-        for spec in args.configs:
-            parts = [int(x) for x in spec.split(",")]
-            config = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"), parts))
+        kernel, a, kw = launch_args(kind, args.n, args.d, args.heads, mask, args.causal, dtype, args.bias, args.dropout)
+        if args.configs == ["pruned"]:
+            from flashfuse.kernels import configs as ff_configs
+
+            chosen = pruned_configs(kind, kernel, a, kw, ff_configs.DEFAULT_SHARED_MEMORY)
+        else:
+            keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg")
+            chosen = [dict(zip(keys, (int(x) for x in spec.split(",")))) for spec in args.configs]
+        for config in chosen:
+            spec = ",".join(str(v) for v in config.values())
             regs, shared, stack = resources(kernel, a, kw, config)
-            print(f"{kind:9s} {spec:>16s}  mask={args.mask} causal={int(args.causal)}  {regs} registers, {shared} B shared, "
-                  f"{stack} B stack", flush=True)
+            print(f"{kind:9s} {spec:>16s}  mask={args.mask} causal={int(args.causal)} bias={int(args.bias)} p={args.dropout:g}  "
+                  f"{regs} registers, {shared} B shared, {stack} B stack", flush=True)
 
 
 if __name__ == "__main__":

@@ -301,6 +301,21 @@ def test_configs_prune():
     assert len(configs.config_dicts("fwd")) == 1  # the interpreter's single small config
 
 
+def test_shared_memory_estimate_matches_measured_kernels():
+    # Shared memory the compiled forward used on the GPUs (benchmarks/results/NOTES.md,
+    # 2026-11-22): the H100 (Triton 3.6) bf16 D=64 64x64/4 warps/3 stages forward, 57344 B
+    # without a mask and 65536 B with one; the H200's bf16 D=80 (BLOCK_D 128) bias + mask
+    # 128x128/3 forward, 262144 B (it did not fit: the prune must drop it at 227 KB).
+    est = configs.shared_memory_estimate
+    c64 = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    c128 = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    assert est("fwd", c64, 64, 64, 2) == 57344
+    assert est("fwd", c64, 64, 64, 2, has_mask=True) == 65536
+    assert est("fwd", c128, 128, 128, 2, bias_bytes=2, has_mask=True) == 262144
+    kept = configs.prune("fwd", configs.CONFIGS["fwd"], 128, 128, 2, 227 * 1024, "all", bias_bytes=2, has_mask=True)
+    assert all((c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) != (128, 128, 3) for c in kept)
+
+
 def test_autotuner_times_for_flashfuse_autotune_rep_ms(monkeypatch):
     # Every rendered kernel's autotuner times candidates through configs.autotune_bench, which
     # runs Triton's do_bench for FLASHFUSE_AUTOTUNE_REP_MS (default Triton's 100 ms).

@@ -238,19 +238,29 @@ def shared_memory_estimate(kind: str, c: Dict[str, Any], block_d: int, block_dv:
                            bias_bytes: int = 0, has_mask: bool = False) -> int:
     """A conservative estimate of a config's shared memory in bytes.
 
-    Tiles loaded inside the pipelined loop are buffered num_stages - 1 times; tiles that stay
-    for the whole program (Q in the forward, K/V in dK/dV, Q/dO in dQ) and the tiles that
-    round-trip between dots (P^T, dS^T) once. bias_bytes is the bias element size (0: no
-    bias), has_mask adds the 1-byte mask tile. The head dims are the padded BLOCK_D/BLOCK_DV.
+    Tiles loaded inside the pipelined loop are buffered num_stages - 1 times (the forward's K
+    and V num_stages times when there is no bias); tiles that stay for the whole program (Q in the forward, K/V in
+    dK/dV, Q/dO in dQ) and the tiles that round-trip between dots (P^T, dS^T) once. bias_bytes
+    is the bias element size (0: no bias), has_mask adds the 1-byte mask tile. The head dims
+    are the padded BLOCK_D/BLOCK_DV.
     NB: the H200 failure this replaced (bf16, D=80 -> BLOCK_D=128, bias and mask, fwd config
-    128x128 with 3 stages: "Required: 262144") is exactly 2 x (K + V + bias + mask) + Q.
+    128x128 with 3 stages: "Required: 262144") is 2 x (K + V + bias + mask) + Q. The forward's
+    K and V take num_stages buffers: 57344 B for the bf16 D=64 64x64/3-stage forward on the
+    H100 (Triton 3.6), and exactly this estimate for every forward config compiled for sm_90
+    by benchmarks/kernel_resources.py (Triton 3.9, 2026-11-22): e.g. D=128 128x128/3 stages
+    with a mask 262144 B, D=256 64x64/3 with a mask 237568 B, both over 227 KB and admitted
+    (to fail at launch) by the num_stages - 1 count this used before. With a bias the H200
+    figure above (Triton 3.6) fits num_stages - 1 buffers, so that count stays for bias calls.
     """
-    buffers = max(c.get("num_stages", 1) - 1, 1)
+    stages = max(c.get("num_stages", 1), 1)
+    buffers = max(stages - 1, 1)
     bm, bn = c["BLOCK_M"], c.get("BLOCK_N", 0)
     tile = bm * bn * (bias_bytes + (1 if has_mask else 0))  # one bias + mask tile, any orientation
     if kind == "fwd":
-        # K and V (and the bias / mask tiles) are multi-buffered; Q stays.
-        return buffers * (elem_bytes * bn * (block_d + block_dv) + tile) + elem_bytes * bm * block_d
+        # K and V are buffered num_stages times (num_stages - 1 with a bias), the bias / mask
+        # tiles num_stages - 1; Q stays.
+        kv_buffers = buffers if bias_bytes else stages
+        return kv_buffers * elem_bytes * bn * (block_d + block_dv) + buffers * tile + elem_bytes * bm * block_d
     if kind == "bwd_dkdv":
         # K and V stay; Q^T and dO (and the bias / mask tiles) stream; P^T and dS^T round-trip.
         resident = elem_bytes * (bn * (block_d + block_dv) + 2 * bm * bn)
