@@ -23,6 +23,7 @@ import triton  # noqa: E402
 import block_sparse as suite  # noqa: E402
 import common  # noqa: E402
 from profile_cells import kernel_times  # noqa: E402
+from profile_sparse import compiled_kernels  # noqa: E402
 
 KERNEL = {"fwd": "attn_fwd", "bwd_dkdv": "attn_bwd_dkdv", "bwd_dq": "attn_bwd_dq"}
 
@@ -50,7 +51,6 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["64,64,4,3"])
     args = p.parse_args()
     import flashfuse
-    from flashfuse.kernels import launch
 
     n, pattern, param = args.cell.split(",")
     n = int(n)
@@ -70,10 +70,8 @@ def main() -> None:
         try:
             fwdbwd()
             us = dict(kernel_times(fwdbwd)).get(KERNEL[args.kind])
-            seen = [e for e in launch._direct.values() if getattr(e.compiled.metadata, "name", "") == KERNEL[args.kind]]
-            c = seen[0].compiled if seen else None
-            print(f"  {args.kind} {spec:>16}: {us:9.1f} us  {getattr(c, 'n_regs', '?')} regs, {getattr(c, 'n_spills', '?')} spills, "
-                  f"{getattr(c.metadata, 'shared', '?') if c else '?'} B shared", flush=True)
+            _, regs, spills, _, shared, _ = next((k for k in compiled_kernels() if k[0] == KERNEL[args.kind]), (None, "?", "?", None, "?", None))
+            print(f"  {args.kind} {spec:>16}: {us:9.1f} us  {regs} regs, {spills} spills, {shared} B shared", flush=True)
         except Exception as e:  # noqa: BLE001  (a config that does not fit is a line, not the end)
             print(f"  {args.kind} {spec:>16}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
 

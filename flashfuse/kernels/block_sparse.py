@@ -169,7 +169,7 @@ class _Cache:
         return (id(_owner(t)), t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version, block_m, block_n)
 
     def get(self, t: Tensor, block_m: int, block_n: int) -> Tensor:
-        if not caching() or not keyable(t):
+        if not cacheable(t):
             return summarize(t, block_m, block_n)
         key = self._key(t, block_m, block_n)
         hit = self.entries.get(key)
@@ -202,6 +202,12 @@ def keyable(t: Optional[Tensor]) -> bool:
         return not t.is_inference() and t.data_ptr() is not None and t._version >= 0
     except (RuntimeError, NotImplementedError, AttributeError):
         return False
+
+
+def cacheable(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call with these inputs reads and fills the caches: caching() is on and every
+    input has a key."""
+    return caching() and all(keyable(t) for t in tensors)
 
 
 CACHE_ENV = "FLASHFUSE_MASK_CACHE"
@@ -352,7 +358,7 @@ class InputCache:
         self.entries: OrderedDict = OrderedDict()
 
     def get(self, tensors, extra, build):
-        if not caching() or not all(keyable(t) for t in tensors):
+        if not cacheable(*tensors):
             return build()
         key = tuple(None if t is None else _Cache._key(t, 0, 0) for t in tensors) + tuple(extra)
         hit = self.entries.get(key)
@@ -402,7 +408,7 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
         lists.no_partial = not bool((lists.summary == PARTIAL).any())  # the one sync per cached mask
         return lists
 
-    if not caching():
+    if not cacheable(bias, mask, layout):  # an uncached call: no sync for no_partial
         return build()
     return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill)), build_cached)
 
