@@ -7,7 +7,10 @@ left out (it would repeat the causal / dense point).
 
 impls (rows' `impl`):
     flashfuse_op      flashfuse.attention(q, k, v, mask=keep[None, None]): block skipping from the
-                      mask's 128x128 block summary (cached per mask tensor, so outside the timing)
+                      mask's 128x128 block summary (cached per mask tensor, so outside the timing);
+                      masks whose every row keeps one interval of keys (all these patterns) reach
+                      the kernels as row ranges, computed per tile instead of loaded
+    flashfuse_op_tiles  the same with FLASHFUSE_MASK_RANGES=0: PARTIAL tiles of the mask are loaded
     flashfuse_layout  flashfuse.block_sparse_attention(q, k, v, layout) with the 128-block layout of
                       the mask; a layout block is computed in full, so only masks whose non-empty
                       blocks are all full (documents with L % 128 == 0) run: others are "unsupported"
@@ -27,7 +30,7 @@ and near-linear scaling: fit ms = c * nonempty_blocks^b over the flashfuse_op ro
     python benchmarks/block_sparse.py --out $OUT             # D=64,128, N=4K..64K (past the default budget: split by --head-dims)
     python benchmarks/block_sparse.py --dry-run --out /tmp/bs
 
---impls takes this suite's names: flashfuse_op,flashfuse_layout,flashfuse_dense,flex,sdpa_mask.
+--impls takes this suite's names: flashfuse_op,flashfuse_op_tiles,flashfuse_layout,flashfuse_dense,flex,sdpa_mask.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ from common import (AttnConfig, Budget, CellOptions, CellTimeout, Runner, Unsupp
                     time_limit, tflops)
 
 SUITE = "block_sparse"
-IMPLS = ("flashfuse_op", "flashfuse_layout", "flex", "flashfuse_dense", "sdpa_mask")
-PASS1 = ("flashfuse_op", "flashfuse_layout", "flex", "flashfuse_dense")  # goals first; SDPA (dense O(N^2)) after
+IMPLS = ("flashfuse_op", "flashfuse_op_tiles", "flashfuse_layout", "flex", "flashfuse_dense", "sdpa_mask")
+PASS1 = ("flashfuse_op", "flashfuse_op_tiles", "flashfuse_layout", "flex", "flashfuse_dense")  # goals first; SDPA (dense O(N^2)) after
 OURS = ("flashfuse_op", "flashfuse_layout")
 BLOCK = 128
 FLEX_EAGER_MASK_MAX_N = 16384   # above this, create_block_mask runs compiled (eager materializes N^2 int64 temporaries)
@@ -257,7 +260,7 @@ def build_fn(impl: str, case: MaskCase | None, n: int, device: str, kernel: str)
 
     if impl == "flashfuse_dense":
         return (lambda q, k, v: flashfuse.attention(q, k, v, kernel=kernel)), None, {}
-    if impl == "flashfuse_op":
+    if impl in ("flashfuse_op", "flashfuse_op_tiles"):  # _tiles: run under mask_ranges(False) by cell()
         mask4 = case.mask4
         return (lambda q, k, v: flashfuse.attention(q, k, v, mask=mask4, kernel=kernel)), case.summary_ms, {}
     if impl == "flashfuse_layout":
@@ -285,6 +288,22 @@ def build_fn(impl: str, case: MaskCase | None, n: int, device: str, kernel: str)
                 return flex_attention(q.detach(), k.detach(), v.detach(), block_mask=bm)
         return flex_cpu, setup, extra
     raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+
+
+@contextlib.contextmanager
+def mask_ranges(on: bool):
+    """FLASHFUSE_MASK_RANGES=0 while off: the kernels load an interval mask's tiles instead of computing them."""
+    from flashfuse.kernels import block_sparse
+
+    old = os.environ.get(block_sparse.RANGES_ENV)
+    os.environ[block_sparse.RANGES_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(block_sparse.RANGES_ENV, None)
+        else:
+            os.environ[block_sparse.RANGES_ENV] = old
 
 
 @contextlib.contextmanager
@@ -342,7 +361,8 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
     caught: list = []
     stage, fn, out = "build", None, None
     try:
-        with time_limit(runner.cell_limit()), strict_kernels(ours and o.device == "cuda" and not args.no_strict):
+        with time_limit(runner.cell_limit()), strict_kernels(ours and o.device == "cuda" and not args.no_strict), \
+                mask_ranges(impl != "flashfuse_op_tiles"):
             fn, setup, extra = build_fn(impl, case, cfg.N, o.device, o.kernel)
             cpu_fwd_only = extra.pop("cpu_forward_only", False)
             row.update(extra)

@@ -3,7 +3,7 @@
 #   FLASHFUSE_GIT_COMMIT=<hash, written out where you launch it: the device's .git copy can be stale> bash benchmarks/device_session.sh STEP[:SECONDS] ...
 # Steps: tests, overhead, compile, sweep-full (the whole grid, every impl), sweep-bf16 (bf16 p=0, every impl),
 #        sparse-profile (benchmarks/profile_sparse.py on SPARSE_CELLS), tests-sparse (the GPU block-sparse tests),
-#        probes (benchmarks/config_probe.py: forced configs on PROBE_CELL), sweep-small (N=512,1024,2048 bf16), sweep-large (N=4096,8192,16384 bf16),
+#        probes (benchmarks/config_probe.py: forced configs on PROBE_CELL), probes-ranges (the same with row ranges on and off), sweep-small (N=512,1024,2048 bf16), sweep-large (N=4096,8192,16384 bf16),
 #        sweep-fp16, sweep-dropout, sweep-fp16-rest, sweep-dropout-rest, sweep-fp16-dropout, sweep-context (mem-efficient, eager, Inductor), e2e-all (the three models), e2e-gpt2bert, e2e-vit, block-sparse, memory.
 set -uo pipefail
 # The device returns at most 8 files: everything is written under $W and packed into $OUT/run.tgz.
@@ -24,6 +24,10 @@ for spec in "$@"; do
             python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind bwd_dq --configs 64,64,4,3 64,64,4,2 64,64,4,3,128 128,64,8,3;
             python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind bwd_dkdv --configs 32,128,4,3 32,128,4,2 64,64,4,3 64,64,4,3,128;
             python3 benchmarks/config_probe.py --cell 65536,none,0 --kind fwd --configs 64,64,4,3 128,64,4,3") ;;
+        probes-ranges) cmd=(bash -c "for r in 1 0; do echo \"== FLASHFUSE_MASK_RANGES=\$r\"; export FLASHFUSE_MASK_RANGES=\$r;
+            python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind fwd --configs 64,64,4,3 64,64,4,3,128 128,64,4,3 128,64,8,3;
+            python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind bwd_dq --configs 64,64,4,3 64,64,4,3,128 128,64,8,3;
+            python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind bwd_dkdv --configs 32,128,4,3 64,64,4,3; done") ;;
         sweep-full) cmd=(python3 benchmarks/kernel_sweep.py --budget-s $budget --out "$W") ;;
         sweep-bf16) cmd=(python3 benchmarks/kernel_sweep.py --dtypes bf16 --dropout 0 --no-dbias --prewarm ${PREWARM:-8} --budget-s $budget --out "$W") ;;
         sparse-profile) cmd=(python3 benchmarks/profile_sparse.py ${SPARSE_CELLS:-4096,document,512 4096,sliding,256 65536,document,8192 65536,sliding,4096}) ;;

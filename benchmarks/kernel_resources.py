@@ -43,9 +43,12 @@ class _Captured(Exception):
 
 
 def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype, bias: bool = False,
-                dropout_p: float = 0.0) -> tuple:
-    """(kernel, args, kwargs) that the op's launcher passes for `kind`, captured before launching."""
-    from flashfuse.kernels import triton_attention
+                dropout_p: float = 0.0, ranges: bool = False) -> tuple:
+    """(kernel, args, kwargs) that the op's launcher passes for `kind`, captured before launching.
+
+    ranges: pass the mask as row ranges (MASK_RANGES), as eager calls do when every row of the
+    mask keeps one interval of keys."""
+    from flashfuse.kernels import block_sparse, triton_attention
 
     seen = {}
 
@@ -57,8 +60,13 @@ def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype
     q, k, v, dout = (torch.randn(1, heads, n, d, dtype=dtype) for _ in range(4))
     b = torch.randn(1, heads, n, n, dtype=dtype) if bias else None
     seed = torch.tensor([7], dtype=torch.int64) if dropout_p > 0 else None
-    real = triton_attention._launch
+    real, real_mask = triton_attention._launch, triton_attention._kernel_mask
     triton_attention._launch = capture
+    if ranges:
+        row_ranges, is_ranges = block_sparse.row_ranges(block_sparse.row_stats(mask))
+        if not bool(is_ranges):
+            raise SystemExit("--ranges: some row of this mask keeps more than one interval of keys")
+        triton_attention._kernel_mask = lambda mask_, lists: (row_ranges, True)
     try:
         if kind == "fwd":
             triton_attention.attention_forward(q, k, v, b, mask, d ** -0.5, causal, dropout_p, seed, 1, float("-inf"))
@@ -69,7 +77,7 @@ def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype
     except _Captured:
         pass
     finally:
-        triton_attention._launch = real
+        triton_attention._launch, triton_attention._kernel_mask = real, real_mask
     return seen[kind]
 
 
@@ -125,8 +133,8 @@ def pruned_configs(kind: str, kernel, args: tuple, kwargs: dict, smem_limit: int
     bias = named.get("Bias")
     kept = configs.prune(kind, configs.CONFIGS[kind], int(named["BLOCK_D"]), int(named["BLOCK_DV"]), ref.element_size(),
                          smem_limit, "all", bias_bytes=bias.element_size() if bias is not None else 0,
-                         has_mask=named.get("Mask") is not None)
-    return [{k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in c} for c in kept]
+                         has_mask=named.get("Mask") is not None, mask_tile=named.get("Mask") is not None and not named.get("MASK_RANGES"))
+    return [{k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg") if k in c} for c in kept]
 
 
 def build_mask(spec: str, n: int):
@@ -153,13 +161,14 @@ def main() -> None:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--bias", action="store_true", help="an additive [1, H, N, N] bias (and its gradient in the backward)")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--ranges", action="store_true", help="the mask as row ranges (MASK_RANGES), as eager calls pass interval masks")
     p.add_argument("--kinds", default="fwd", help="comma list of fwd, bwd_dq, bwd_dkdv")
     p.add_argument("--configs", nargs="+", default=["64,64,4,3"], help="or `pruned`: every config the op's pruning keeps")
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     mask = build_mask(args.mask, args.n)
     for kind in args.kinds.split(","):
-        kernel, a, kw = launch_args(kind, args.n, args.d, args.heads, mask, args.causal, dtype, args.bias, args.dropout)
+        kernel, a, kw = launch_args(kind, args.n, args.d, args.heads, mask, args.causal, dtype, args.bias, args.dropout, args.ranges)
         if args.configs == ["pruned"]:
             from flashfuse.kernels import configs as ff_configs
 
@@ -170,7 +179,8 @@ def main() -> None:
         for config in chosen:
             spec = ",".join(str(v) for v in config.values())
             regs, shared, stack = resources(kernel, a, kw, config)
-            print(f"{kind:9s} {spec:>16s}  mask={args.mask} causal={int(args.causal)} bias={int(args.bias)} p={args.dropout:g}  "
+            print(f"{kind:9s} {spec:>16s}  mask={args.mask}{' (ranges)' if args.ranges else ''} causal={int(args.causal)} "
+                  f"bias={int(args.bias)} p={args.dropout:g}  "
                   f"{regs} registers, {shared} B shared, {stack} B stack", flush=True)
 
 

@@ -390,11 +390,130 @@ def test_triton_kernel_lists_match_torch(name, causal, finite_fill):
     assert got.density == pytest.approx(want.density)
 
 
+def _brute_intervals(keep: torch.Tensor) -> bool:
+    # every row's kept keys form one run (or none)
+    for row in keep.reshape(-1, keep.shape[-1]):
+        idx = row.nonzero().flatten()
+        if len(idx) and idx[-1] - idx[0] + 1 != len(idx):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(n for n in LIST_CASES if not n.startswith("bias")))
+def test_summary_kernel_row_stats_match_torch(name):
+    # The ROW_STATS pass of the summary kernel (one read of the mask, atomics across the programs
+    # of a row) against the torch oracle; row_ranges says "intervals" exactly when every row is one.
+    build, m, n = LIST_CASES[name]
+    t = build()
+    got = bs._kernel_lists_triton(t, 32, m, n, False, False, row_stats=True)
+    collapsed = bs._collapse_expanded(t)
+    torch.testing.assert_close(got.row_stats, bs.row_stats(collapsed), rtol=0, atol=0)
+    ranges, is_ranges = bs.row_ranges(got.row_stats)
+    assert bool(is_ranges) == _brute_intervals(collapsed)
+    if is_ranges:
+        j = torch.arange(collapsed.shape[-1])
+        rebuilt = (j >= ranges[..., :1]) & (j < ranges[..., 1:])
+        assert torch.equal(rebuilt, collapsed)
+
+
+def test_row_ranges_of_rows_that_are_not_one_interval():
+    keep = torch.zeros(1, 1, 3, 10, dtype=torch.bool)
+    keep[0, 0, 0, 2:5] = True                  # one run
+    keep[0, 0, 2, [1, 7]] = True               # two runs: not an interval
+    ranges, is_ranges = bs.row_ranges(bs.row_stats(keep))
+    assert not bool(is_ranges)
+    assert ranges[0, 0, :2].tolist() == [[2, 5], [0, 0]]  # an empty row is the empty interval
+    keep[0, 0, 2] = False
+    assert bool(bs.row_ranges(bs.row_stats(keep))[1])
+
+
+# name -> (mask, kwargs of flashfuse.attention, whether every row keeps one interval of keys)
+RANGE_CASES = {
+    "sliding_window_causal": lambda: (mp.sliding_window(300, 300, window=100)[None, None], dict(causal=True), True),
+    "sliding_window_bidirectional": lambda: (mp.sliding_window(300, 300, window=70, causal_=False)[None, None], {}, True),
+    "document_unaligned_dropout": lambda: (mp.document([100, 150, 50])[None, None], dict(dropout_p=0.2), True),
+    "prefix_lm_finite_fill": lambda: (mp.prefix_lm(300, 300, prefix=140)[None, None], dict(mask_value=-1e4), True),
+    "padding_rows_bcast": lambda: (mp.padding([300, 129], 300), {}, True),
+    "per_head_gqa": lambda: (torch.stack([mp.sliding_window(300, 300, window=60), mp.document([128, 100, 72]),
+                                          mp.prefix_lm(300, 300, prefix=70), mp.causal(300, 300)])[None], dict(gqa_group=2), True),
+    "empty_rows": lambda: (_empty_rows_mask(), {}, True),
+    "empty_rows_finite_fill": lambda: (_empty_rows_mask(), dict(mask_value=F32_MIN), True),
+    "dilated": lambda: (mp.dilated(300, 300, stride=3)[None, None], {}, False),
+    "random_elements": lambda: (torch.rand(1, 1, 300, 300, generator=torch.Generator().manual_seed(2)) > 0.3, {}, False),
+}
+
+
+def _empty_rows_mask():
+    keep = mp.sliding_window(300, 300, window=40, causal_=False).clone()
+    keep[130:140] = False  # rows that see no key: NaN with -inf fill, a uniform average with a finite one
+    return keep[None, None]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", sorted(RANGE_CASES))
+def test_eager_calls_compute_interval_masks_from_row_ranges(monkeypatch, name):
+    # Eager calls whose mask keeps one interval of keys per row (and has PARTIAL blocks) pass
+    # the kernels the rows' (lo, hi) instead of the mask (MASK_RANGES): fwd, dK/dV and dQ all
+    # match the oracle, as do the masks that are not intervals (loaded as before).
+    import flashfuse
+    from flashfuse.kernels import philox, triton_attention
+
+    monkeypatch.setenv("FLASHFUSE_STRICT", "1")  # a failing kernel must fail here, not fall back
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: (kind, kw.get("MASK_RANGES")))
+    bs.kernel_list_cache.clear()
+    mask, kw, intervals = RANGE_CASES[name]()
+    b, group, p = mask.shape[0], kw.get("gqa_group", 1), kw.get("dropout_p", 0.0)
+    hq = mask.shape[1] if mask.shape[1] > 1 else 2
+    gen = torch.Generator().manual_seed(len(name) + 7)
+    q = torch.randn(b, hq, 300, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(b, hq // group, 300, 16, generator=gen, requires_grad=True) for _ in range(2))
+    torch.manual_seed(3)  # the op draws its dropout seed from the global generator
+    out = flashfuse.attention(q, k, v, mask=mask, kernel="triton", **kw)
+    dout = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    flags = {kind: flag for kind, flag in launched if kind != "bwd_preprocess"}
+    assert flags == {"fwd": intervals, "bwd_dkdv": intervals, "bwd_dq": intervals}, launched
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64))
+    keep = philox.keep_mask(seed, p, b, hq, 300, 300) if p > 0 else None
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = oracle.attention(*leaves, None, mask, 16 ** -0.5, kw.get("causal", False), p, seed, group,
+                              kw.get("mask_value", float("-inf")), keep=keep)
+    want = torch.autograd.grad(ref, leaves, dout.double().nan_to_num())
+    assert _rel(out, ref) < 1e-5
+    for g_, w in zip(got, want):
+        assert _rel(g_, w) < 1e-5
+
+
+@needs_interpreter
+def test_row_ranges_can_be_switched_off(monkeypatch):
+    # FLASHFUSE_MASK_RANGES=0: the same interval mask is loaded (and the cached lists follow the switch)
+    import flashfuse
+    from flashfuse.kernels import triton_attention
+
+    monkeypatch.setenv("FLASHFUSE_STRICT", "1")
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: (kind, kw.get("MASK_RANGES"), kw.get("HAS_MASK")))
+    bs.kernel_list_cache.clear()
+    keep = mp.sliding_window(300, 300, window=70)[None, None]
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))
+    outs = {}
+    for env in ("1", "0", "1"):
+        monkeypatch.setenv(bs.RANGES_ENV, env)
+        launched.clear()
+        outs[env] = flashfuse.attention(q, k, v, mask=keep, kernel="triton")
+        assert launched == [("fwd", env == "1", True)]
+    ref, _ = oracle.attention(q.double(), k.double(), v.double(), mask=keep)
+    assert _rel(outs["0"], ref) < 1e-5 and _rel(outs["1"], ref) < 1e-5
+
+
 def test_kernel_lists_take_the_triton_path_under_the_interpreter(monkeypatch):
     # kernel_lists (what the attention launchers call) must use the list kernels, not the torch ops
     calls = []
     real = bs._kernel_lists_triton
-    monkeypatch.setattr(bs, "_kernel_lists_triton", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(bs, "_kernel_lists_triton", lambda *a, **kw: calls.append(a) or real(*a, **kw))
     keep = mp.sliding_window(100, 100, window=30)[None, None]
     got = bs.kernel_lists(None, keep, None, 32, 100, 100, causal=True, finite_fill=False)
     assert len(calls) == 1

@@ -288,6 +288,7 @@ def broken_triton(monkeypatch):
     ops._warned.clear()
 
 
+@pytest.mark.kernel_fallback
 def test_triton_runtime_failure_runs_reference(broken_triton, caplog):
     options = {"kernel": "triton", "compiler": "eager"}
     args = _inputs()
@@ -323,6 +324,7 @@ def test_triton_runtime_failure_strict_backward_under_aot(broken_triton, monkeyp
         out.sum().backward()
 
 
+@pytest.mark.kernel_fallback
 def test_strict_env_var_for_direct_calls(broken_triton, monkeypatch):
     q = torch.randn(1, 2, 4, 16)
     out = flashfuse.attention(q, q, q, kernel="triton")  # falls back
@@ -332,6 +334,7 @@ def test_strict_env_var_for_direct_calls(broken_triton, monkeypatch):
         flashfuse.attention(q, q, q, kernel="triton")
 
 
+@pytest.mark.kernel_fallback
 def test_triton_without_a_device_falls_back_at_run_time(monkeypatch, caplog):
     """A real failure, not an injected one: Triton on CPU tensors without the interpreter."""
     pytest.importorskip("triton")

@@ -28,6 +28,8 @@ CASES = {
     "dense-causal-d128": ["--d", "128", "--causal"],
     # the heaviest variant: padded head dim (80 -> 128), bias with its gradient, mask, dropout, causal
     "d80-bias-mask-dropout-causal": ["--d", "80", "--bias", "--mask", "sliding:100", "--dropout", "0.1", "--causal"],
+    # an interval mask as eager calls pass it: row ranges (MASK_RANGES), with the register-capped configs
+    "d64-mask-ranges": ["--d", "64", "--mask", "sliding:100", "--ranges"],
 }
 
 

@@ -316,6 +316,26 @@ def test_shared_memory_estimate_matches_measured_kernels():
     assert all((c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) != (128, 128, 3) for c in kept)
 
 
+def test_register_capped_configs_reach_triton_and_stay_distinct():
+    # "maxnreg" becomes the triton.Config's register cap, not a kernel argument; a ban (by
+    # signature) of the capped config leaves the uncapped one of the same tiles alone.
+    for kind in ("fwd", "bwd_dq"):
+        capped = [c for c in configs.CONFIGS[kind] if c.get("maxnreg")]
+        assert capped and all(c.get("mask_tier") for c in capped), kind
+        made = [configs._to_triton(c) for c in configs.CONFIGS[kind]]
+        for c, t in zip(configs.CONFIGS[kind], made):
+            assert t.maxnreg == c.get("maxnreg") and "maxnreg" not in t.kwargs
+        for c, t in zip(configs.CONFIGS[kind], made):
+            if c.get("maxnreg"):
+                uncapped = {k: v for k, v in c.items() if k != "maxnreg"}
+                assert configs._signature(t) != configs._signature(configs._to_triton(uncapped)), (kind, c)
+    # a loaded mask adds its tile to the estimate; row ranges (mask_tile=False) keep the tier but not the tile
+    c64 = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    with_tile = configs.prune("fwd", [c64, dict(c64, BLOCK_N=32)], 64, 64, 2, 60 * 1024, "all", has_mask=True)
+    ranges = configs.prune("fwd", [c64, dict(c64, BLOCK_N=32)], 64, 64, 2, 60 * 1024, "all", has_mask=True, mask_tile=False)
+    assert c64 not in with_tile and c64 in ranges
+
+
 def test_autotuner_times_for_flashfuse_autotune_rep_ms(monkeypatch):
     # Every rendered kernel's autotuner times candidates through configs.autotune_bench, which
     # runs Triton's do_bench for FLASHFUSE_AUTOTUNE_REP_MS (default Triton's 100 ms).

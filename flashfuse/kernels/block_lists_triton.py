@@ -6,7 +6,9 @@ tests compare these kernels against, element for element.
 
     summarize:  grid (Mb|1, cdiv(Nb, COLS_PER_PROGRAM), Bs * Hs)  one program per query-block
                 row and run of key blocks of one (batch, head) of the mask/bias; it reads each
-                element once and writes EMPTY / FULL / PARTIAL (int8) per block.
+                element once and writes EMPTY / FULL / PARTIAL (int8) per block. For a bool
+                mask it can also gather, in the same read, each row's kept count and first /
+                last kept key (atomics across the programs of a row): the row ranges.
     pack:       grid (rows, Bs * Hs), launched twice  one program per list row: kv lists (row = query block,
                 entries = key blocks) or, with the summary's strides swapped, q lists (row =
                 key block, entries = query blocks). A prefix sum places the partial and full
@@ -41,12 +43,13 @@ def _single(fn):
 @_single
 @triton.jit
 def _summary_kernel(
-    t_ptr, out_ptr,
+    t_ptr, out_ptr, stats_ptr,
     stride_tz, stride_th, stride_tm, stride_tn,
     stride_oz, stride_oh, stride_om, stride_on,
+    stride_sz, stride_sh, stride_sm,
     heads, m_len, n_len, n_blocks,
     IS_BOOL: tl.constexpr, DEMOTE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    COLS_PER_PROGRAM: tl.constexpr,
+    COLS_PER_PROGRAM: tl.constexpr, ROW_STATS: tl.constexpr,
 ):
     row = tl.program_id(0)
     c_first = tl.program_id(1) * COLS_PER_PROGRAM
@@ -60,13 +63,24 @@ def _summary_kernel(
     rows_valid = tl.minimum(m_len - row * BLOCK_M, BLOCK_M)
     base = t_ptr + z.to(tl.int64) * stride_tz + h.to(tl.int64) * stride_th + offs_m.to(tl.int64)[:, None] * stride_tm
     out_base = out_ptr + z.to(tl.int64) * stride_oz + h.to(tl.int64) * stride_oh + row.to(tl.int64) * stride_om
+    if ROW_STATS:
+        # per row of this program's key range: kept keys, first and last kept key
+        row_kept = tl.zeros([BLOCK_M], dtype=tl.int32)
+        row_first = tl.full([BLOCK_M], n_len, dtype=tl.int32)
+        row_last = tl.full([BLOCK_M], -1, dtype=tl.int32)
     for c in range(c_first, tl.minimum(c_first + COLS_PER_PROGRAM, n_blocks)):
         cols = c * BLOCK_N + offs_n
         inb = in_m[:, None] & (cols[None, :] < n_len)
         valid = rows_valid * tl.minimum(n_len - c * BLOCK_N, BLOCK_N)
         ptrs = base + cols.to(tl.int64)[None, :] * stride_tn
         if IS_BOOL:
-            kept = tl.sum(tl.sum(tl.load(ptrs, mask=inb, other=0).to(tl.int32), 1), 0)
+            keep = tl.load(ptrs, mask=inb, other=0) != 0
+            per_row = tl.sum(keep.to(tl.int32), 1)
+            kept = tl.sum(per_row, 0)
+            if ROW_STATS:
+                row_kept += per_row
+                row_first = tl.minimum(row_first, tl.min(tl.where(keep, cols[None, :], n_len), 1))
+                row_last = tl.maximum(row_last, tl.max(tl.where(keep, cols[None, :], -1), 1))
             empty = kept == 0
             full = kept == valid
         else:
@@ -79,6 +93,14 @@ def _summary_kernel(
         if DEMOTE_EMPTY:
             status = tl.where(status == EMPTY, PARTIAL, status)
         tl.store(out_base + c * stride_on, status.to(tl.int8))
+    if ROW_STATS:
+        # programs of one row meet here; rows with nothing kept in this range leave the
+        # initial (0, n_len, -1) alone, so sparse masks issue few atomics
+        sp = stats_ptr + z.to(tl.int64) * stride_sz + h.to(tl.int64) * stride_sh + offs_m.to(tl.int64) * stride_sm
+        some = in_m & (row_kept > 0)
+        tl.atomic_add(sp, row_kept, mask=some, sem="relaxed")
+        tl.atomic_min(sp + 1, row_first, mask=some, sem="relaxed")
+        tl.atomic_max(sp + 2, row_last, mask=some, sem="relaxed")
 
 
 @_single
@@ -140,17 +162,25 @@ def _compact(count_ptr, list_ptr, idx, valid, sel):
 COLS_PER_PROGRAM = 8
 
 
-def summarize(t, block: int, out, demote_empty: bool = False) -> None:
+def summarize(t, block: int, out, demote_empty: bool = False, stats=None) -> None:
     """Fill `out` [Bs, Hs, Mb|1, Nb] int8 with the summary of a 4-D bool mask or additive bias
-    whose stride-0 dims were already collapsed to size 1 (block_sparse._collapse_expanded)."""
+    whose stride-0 dims were already collapsed to size 1 (block_sparse._collapse_expanded).
+
+    stats: None, or (bool masks) an int32 [Bs, Hs, M, 3] filled with (0, N, -1), which the same
+    pass over the mask turns into (kept keys, first kept key, last kept key) per query row
+    (block_sparse.row_ranges reads it).
+    """
     bs, hs, m, n = t.shape
     block_m = block if m > 1 else 16  # a row-broadcast bias: one valid row, masked tile
     nb = out.shape[3]
     grid = (out.shape[2], -(-nb // COLS_PER_PROGRAM), bs * hs)
+    row_stats = stats is not None
+    assert not row_stats or t.dtype == torch.bool
+    stats_strides = stats.stride()[:3] if row_stats else (0, 0, 0)
     _launch(
-        "block_summary", _summary_kernel, grid, t, out, *t.stride(), *out.stride(), hs, m, n, nb,
+        "block_summary", _summary_kernel, grid, t, out, stats, *t.stride(), *out.stride(), *stats_strides, hs, m, n, nb,
         IS_BOOL=t.dtype == torch.bool, DEMOTE_EMPTY=bool(demote_empty), BLOCK_M=block_m, BLOCK_N=block,
-        COLS_PER_PROGRAM=COLS_PER_PROGRAM,
+        COLS_PER_PROGRAM=COLS_PER_PROGRAM, ROW_STATS=row_stats,
     )
 
 

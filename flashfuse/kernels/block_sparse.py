@@ -211,6 +211,8 @@ def cacheable(*tensors: Optional[Tensor]) -> bool:
 
 
 CACHE_ENV = "FLASHFUSE_MASK_CACHE"
+# FLASHFUSE_MASK_RANGES=0: never pass an interval mask as row ranges (the kernels load it)
+RANGES_ENV = "FLASHFUSE_MASK_RANGES"
 _eager = threading.local()
 
 
@@ -292,6 +294,13 @@ class KernelLists:
     # No block of `summary` is PARTIAL, so the lists say all the mask says (the kernels then
     # drop it). Known only for cached (eager) lists: finding out costs one host sync.
     no_partial: Optional[bool] = None
+    # The bool mask as row ranges (`row_ranges`): int32 [Bs, Hs, M|1, 2] of (lo, hi), set when
+    # every row of the mask keeps one interval of keys lo <= j < hi. The kernels then compute
+    # the keep-mask of a tile instead of loading it. Known only for cached (eager) lists of one
+    # bool mask on the Triton path (the same host sync as no_partial).
+    ranges: Optional[Tensor] = None
+    # (kept, first, last) per mask row from the summary pass, until build_cached reads it
+    row_stats: Optional[Tensor] = None
 
     @property
     def density(self) -> float:
@@ -390,11 +399,11 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
     if bias is None and mask is None and layout is None:
         return None
 
-    def build():
+    def build(row_stats: bool = False):
         given = [t for t in (bias, mask) if t is not None]
         if _on_triton(*given, layout) and layout is None and len(given) == 1:
             # the common call (one mask or one bias): one summary kernel, two pack kernels
-            return _kernel_lists_triton(given[0], block, m, n, causal, finite_fill)
+            return _kernel_lists_triton(given[0], block, m, n, causal, finite_fill, row_stats=row_stats and mask is not None)
         summary = combine(*(cache.get(t, block, block) for t in given))
         if summary is not None and finite_fill:
             summary = _demote_empty(summary)
@@ -403,14 +412,24 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
             return _pack_lists_triton(summary, block, m, n, causal)
         return pack_lists(summary, block, m, n, causal)
 
+    ranges_on = os.environ.get(RANGES_ENV, "1") != "0"
+
     def build_cached():
-        lists = build()
-        lists.no_partial = not bool((lists.summary == PARTIAL).any())  # the one sync per cached mask
+        lists = build(row_stats=ranges_on)
+        flags = [(lists.summary == PARTIAL).any()]
+        if lists.row_stats is not None:
+            ranges, is_ranges = row_ranges(lists.row_stats)
+            flags.append(is_ranges)
+        values = torch.stack(flags).tolist()  # the one sync per cached mask
+        lists.no_partial = not values[0]
+        if len(values) > 1 and values[1]:
+            lists.ranges = ranges
+        lists.row_stats = None
         return lists
 
     if not cacheable(bias, mask, layout):  # an uncached call: no sync for no_partial
         return build()
-    return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill)), build_cached)
+    return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill), ranges_on), build_cached)
 
 
 def _on_triton(*tensors: Optional[Tensor]) -> bool:
@@ -419,14 +438,49 @@ def _on_triton(*tensors: Optional[Tensor]) -> bool:
     return bool(present) and all(t.is_cuda or (t.device.type == "cpu" and interpreting()) for t in present)
 
 
-def _kernel_lists_triton(t: Tensor, block: int, m: int, n: int, causal: bool, finite_fill: bool) -> KernelLists:
+def _kernel_lists_triton(t: Tensor, block: int, m: int, n: int, causal: bool, finite_fill: bool, row_stats: bool = False) -> KernelLists:
     from flashfuse.kernels import block_lists_triton
 
     t = _collapse_expanded(t)
     tm, tn = t.shape[-2:]
     summary = torch.empty((t.shape[0], t.shape[1], _cdiv(tm, block) if tm > 1 else 1, _cdiv(tn, block)), dtype=torch.int8, device=t.device)
-    block_lists_triton.summarize(t, block, summary, demote_empty=finite_fill)
-    return _pack_lists_triton(summary, block, m, n, causal)
+    stats = _stats_buffer(t) if row_stats and t.dtype == torch.bool else None
+    block_lists_triton.summarize(t, block, summary, demote_empty=finite_fill, stats=stats)
+    lists = _pack_lists_triton(summary, block, m, n, causal)
+    lists.row_stats = stats
+    return lists
+
+
+def _stats_buffer(t: Tensor) -> Tensor:
+    # (kept, first, last) per row of a [Bs, Hs, M, N] mask, before any key is seen
+    init = torch.tensor([0, t.shape[-1], -1], dtype=torch.int32, device=t.device)
+    return init.expand(*t.shape[:3], 3).contiguous()
+
+
+def row_stats(t: Tensor) -> Tensor:
+    """(kept keys, first kept key, last kept key) per row of a 4-D bool mask: int32 [B, H, M, 3]
+    (first = N, last = -1 for a row that keeps nothing). The torch oracle of the summary
+    kernel's ROW_STATS pass; it builds int64 [B, H, M, N] temporaries, so it is for tests."""
+    n = t.shape[-1]
+    keys = torch.arange(n, device=t.device)
+    kept = t.sum(-1, dtype=torch.int32)
+    first = torch.where(t, keys, n).amin(-1)
+    last = torch.where(t, keys, -1).amax(-1)
+    return torch.stack([kept, first.to(torch.int32), last.to(torch.int32)], -1)
+
+
+def row_ranges(stats: Tensor):
+    """(ranges int32 [..., M, 2], is_ranges 0-dim bool tensor) from row statistics.
+
+    Row i keeps the interval lo <= j < hi exactly when its kept count equals last - first + 1;
+    a row that keeps nothing gets (0, 0). is_ranges: every row is such an interval, so
+    `keep[i, j] == (lo_i <= j < hi_i)` for the whole mask. No host sync here.
+    """
+    kept, first, last = stats.unbind(-1)
+    some = kept > 0
+    is_ranges = (~some | (kept == last - first + 1)).all()
+    ranges = torch.stack([torch.where(some, first, 0), torch.where(some, last + 1, 0)], -1).to(torch.int32).contiguous()
+    return ranges, is_ranges
 
 
 def _pack_lists_triton(summary: Tensor, block: int, m: int, n: int, causal: bool) -> KernelLists:

@@ -60,6 +60,10 @@ CONFIGS: Dict[str, List[Dict[str, Any]]] = {
         # window 4096 (992 partial blocks), forward 2.99 ms against 3.57 ms for the 64 x 64
         # config the default tier chose (benchmarks/config_probe.py, 2026-11-22).
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64, "extra": True, "mask_tier": True},
+        # NB: a mask, loaded or computed from row ranges, takes the 64 x 64 forward from 118
+        # registers to 147-157 (sm_90 compiles, benchmarks/kernel_resources.py, 2026-11-22):
+        # 3 CTAs per SM instead of 4. Capped at 128 it keeps 4 (16 B of stack).
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128, "max_block_d": 64, "extra": True, "mask_tier": True},
         {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "max_block_d": 64, "extra": True},
@@ -94,6 +98,8 @@ CONFIGS: Dict[str, List[Dict[str, Any]]] = {
     ],
     "bwd_dq": [
         {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "max_block_d": 64, "extra": True},
+        # a mask: 148-168 registers at 64 x 64 / 4 warps, 128 capped (40 B of stack); see the forward's
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128, "max_block_d": 64, "extra": True, "mask_tier": True},
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
         {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "extra_below_d": 256},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 128},
@@ -193,8 +199,8 @@ _BOUNDS: Dict[int, Dict[str, Any]] = {}
 
 
 def _to_triton(c: Dict[str, Any]):
-    meta = {k: v for k, v in c.items() if k not in _META}
-    config = triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"])
+    meta = {k: v for k, v in c.items() if k not in _META and k != "maxnreg"}
+    config = triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"], maxnreg=c.get("maxnreg"))
     _BOUNDS[id(config)] = {k: c[k] for k in _META[2:] if k in c}
     return config
 
@@ -291,7 +297,8 @@ _META = ("num_warps", "num_stages", "max_block_d", "fp32", "extra", "extra_below
 def _as_dict(c) -> Dict[str, Any]:
     if isinstance(c, dict):
         return c
-    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, **_BOUNDS.get(id(c), {})}
+    regs = {"maxnreg": c.maxnreg} if getattr(c, "maxnreg", None) else {}
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, **regs, **_BOUNDS.get(id(c), {})}
 
 
 def _signature(c) -> tuple:
@@ -301,7 +308,7 @@ def _signature(c) -> tuple:
 
 # Configs that ran out of resources at launch, per kernel variant: {variant_key: {signature}}.
 _BANNED: Dict[tuple, set] = {}
-_VARIANT_ARGS = ("HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "DROPOUT",
+_VARIANT_ARGS = ("HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "MASK_RANGES", "DROPOUT",
                  "LOG2_DOMAIN", "DOT_PRECISION", "BIAS_GRAD", "DBIAS_ATOMIC", "BIAS_ROW_BCAST", "HAS_SPARSE", "SPARSE_BLOCK")
 
 
@@ -330,10 +337,11 @@ def ban(kind: str, args: Dict[str, Any], config, candidates) -> bool:
 
 
 def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune: str = "default",
-          bias_bytes: int = 0, has_mask: bool = False, exclude: Optional[set] = None) -> list:
+          bias_bytes: int = 0, has_mask: bool = False, exclude: Optional[set] = None, mask_tile: Optional[bool] = None) -> list:
     """Configs that fit the head dim, dtype and shared memory; never empty.
 
-    Works on triton.Config objects (from triton_configs) or plain dicts. exclude: signatures
+    Works on triton.Config objects (from triton_configs) or plain dicts. has_mask: a mask reaches
+    the kernel (the mask tier); mask_tile (default has_mask): it loads mask tiles. exclude: signatures
     of banned configs, dropped first. When nothing fits, the remaining config with the
     smallest shared-memory estimate is kept. autotune (an `autotune_mode`): "default" drops the configs marked "extra" unless they are all
     that fits, "all" keeps them, "first" keeps only the first config that fits, so nothing
@@ -345,7 +353,8 @@ def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int
         allowed = [c for c in configs if _signature(c) not in exclude]
         configs = allowed or list(configs)
     dicts = [_as_dict(c) for c in configs]
-    est = [shared_memory_estimate(kind, d, block_d, block_dv, elem_bytes, bias_bytes, has_mask) for d in dicts]
+    mask_tile = has_mask if mask_tile is None else mask_tile
+    est = [shared_memory_estimate(kind, d, block_d, block_dv, elem_bytes, bias_bytes, mask_tile) for d in dicts]
     kept = [c for c, d, e in zip(configs, dicts, est) if e <= smem_limit and _fits(d, block_d, block_dv, elem_bytes)]
     if not kept:
         kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
@@ -369,8 +378,10 @@ def _pruner(kind: str):
         bias = args.get("Bias")
         bias_bytes = bias.element_size() if hasattr(bias, "element_size") else 0
         has_mask = hasattr(args.get("Mask"), "element_size")
+        # row ranges (MASK_RANGES) keep the mask tier but load no mask tile
         return prune(kind, configs, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune_mode(),
-                     bias_bytes=bias_bytes, has_mask=has_mask, exclude=banned(variant_key(kind, args)))
+                     bias_bytes=bias_bytes, has_mask=has_mask, exclude=banned(variant_key(kind, args)),
+                     mask_tile=has_mask and not args.get("MASK_RANGES"))
 
     early_config_prune.__name__ = f"prune_{kind}"
     return early_config_prune

@@ -16,6 +16,9 @@ Block sparsity: whenever a bias, a mask or an explicit block layout reaches the 
 launchers summarize them per SPARSE_BLOCK x SPARSE_BLOCK tile (`block_sparse.kernel_lists`;
 three Triton launches; cached across eager calls, see `block_sparse.caching`) and the kernels walk only
 the non-empty tiles, loading no mask or bias on full ones. Causal skipping stays compile-time and combines with the lists.
+Eager calls also learn (one host sync per cached mask) whether the mask has PARTIAL tiles at
+all (if not, the kernels run without it) and whether each row keeps one interval of keys (then
+the kernels get the rows' (lo, hi) and compute the keep-mask instead of loading it, MASK_RANGES).
 
 Resources: the autotuner's configs are pruned by a shared-memory estimate
 (`configs.prune`); a launch that still fails with OutOfResources drops that config for the
@@ -95,17 +98,24 @@ def _sparse(bias, mask, block_layout, mask_value: float, causal: bool, m_len: in
 
 
 def _kernel_mask(mask, lists):
-    """The mask the kernels load: None when the lists already say all it says.
+    """(the kernels' Mask argument, MASK_RANGES): what the kernels need of the mask.
 
-    That is when no block of the combined summary is PARTIAL (`KernelLists.no_partial`, known
-    for eager calls only): EMPTY blocks are not walked and FULL ones load no mask anyway, but a
-    kernel variant with HAS_MASK still pays for it. NB: H100, N=64K, a 128-aligned document
-    mask (B=1, H=16, D=64 bf16): forward kernel 7.19 ms with the mask variant, 5.63 ms without
-    (benchmarks/profile_sparse.py, 2026-11-22); same config, 156 vs 126 registers.
+    None when the lists already say all it says: no block of the combined summary is PARTIAL
+    (`KernelLists.no_partial`, known for eager calls only). EMPTY blocks are not walked and
+    FULL ones load no mask anyway, but a kernel variant with HAS_MASK still pays for it.
+    NB: H100, N=64K, a 128-aligned document mask (B=1, H=16, D=64 bf16): forward kernel
+    7.19 ms with the mask variant, 5.63 ms without (benchmarks/profile_sparse.py, 2026-11-22);
+    same config, 156 vs 126 registers.
+    Else the row ranges, when every row of the mask keeps one interval of keys (sliding
+    windows, documents, prefix-LM, padding; `KernelLists.ranges`, eager calls): the kernels
+    compute PARTIAL tiles' keep-masks from them and load no mask tile.
     """
-    if mask is not None and lists is not None and lists.no_partial:
-        return None
-    return mask
+    if mask is not None and lists is not None:
+        if lists.no_partial:
+            return None, False
+        if lists.ranges is not None:
+            return lists.ranges, True
+    return mask, False
 
 
 def _list_args(t: Optional[Tensor]):
@@ -178,7 +188,7 @@ def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group
         return out, m_stat, log_l
 
     lists, sparse = _sparse(bias, mask, block_layout, _fp32(mask_value), causal, m_len, n_len)
-    mask = _kernel_mask(mask, lists)
+    mask, ranges = _kernel_mask(mask, lists)
     mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
     variant = _variant(q, k, v, bias, mask, causal, dropout, False)
     options, kernel = variant.options, variant.kernel("fwd")
@@ -198,7 +208,7 @@ def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group
             qk_scale, mask_value, philox.threshold(dropout_p) if dropout else 0, dropout_scale,
             HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
             IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
-            LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse,
+            LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse, MASK_RANGES=ranges,
         )
     return out, m_stat, log_l
 
@@ -232,7 +242,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
         return dq, dk, dv, (torch.zeros_like(bias) if needs_dbias else None)
 
     lists, sparse = _sparse(bias, mask, block_layout, _fp32(mask_value), causal, m_len, n_len)
-    mask = _kernel_mask(mask, lists)
+    mask, ranges = _kernel_mask(mask, lists)
     mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
     variant = _variant(q, k, v, bias, mask, causal, dropout, needs_dbias)
     options = variant.options
@@ -251,7 +261,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     common = dict(
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
         IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
-        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse,
+        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse, MASK_RANGES=ranges,
     )
     dropout_t = philox.threshold(dropout_p) if dropout else 0
     k_dkdv, k_dq = variant.kernel("bwd_dkdv"), variant.kernel("bwd_dq")

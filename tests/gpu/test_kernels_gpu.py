@@ -9,6 +9,7 @@ run every forward config of one shape. Run: pytest -q tests/gpu/test_kernels_gpu
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -24,7 +25,7 @@ triton = pytest.importorskip("triton")
 
 from flashfuse import mask_patterns as mp  # noqa: E402
 from flashfuse.block_sparse_api import layout_summary  # noqa: E402
-from flashfuse.kernels import configs, philox, render, triton_attention  # noqa: E402
+from flashfuse.kernels import block_sparse as bs, configs, philox, render, triton_attention  # noqa: E402
 
 try:
     import oracle
@@ -54,7 +55,7 @@ def rel_err(x, ref):
 
 def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias_shape=None, mask_shape=None,
              mask_value=float("-inf"), dropout_p=0.0, layout="contiguous", backward=True, mask=None, block_layout=None,
-             dense=None, draw=0):
+             dense=None, draw=0, eager=False):
     """mask: a given keep-mask instead of a random one of mask_shape; block_layout: the op's int8
     block summary, with dense its element mask for the oracle; draw: another set of random inputs.
     layout: "contiguous", "bnhd" (q, k, v transposed views) or "offset" (q, k, v start 2 bytes
@@ -86,7 +87,11 @@ def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias
     seed = torch.tensor([424242], dtype=torch.int64, device=DEV)
     scale = d ** -0.5
 
-    out, m_stat, log_l = triton_attention.attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value, block_layout)
+    # eager: launch as flashfuse.attention's eager calls do (cached lists, mask drop, row ranges)
+    context = bs.eager_call if eager else contextlib.nullcontext
+    with context():
+        out, m_stat, log_l = triton_attention.attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value,
+                                                                block_layout)
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     qr, kr, vr = (t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v))
     br = bias.detach().to(ref_dtype).requires_grad_() if bias is not None else None
@@ -100,10 +105,11 @@ def run_case(dtype, b=2, hq=8, group=1, m=1000, n=1000, d=64, causal=False, bias
         return
     dout = randn(*out.shape)
     ref.backward(dout.to(ref_dtype))
-    dq, dk, dv, dbias = triton_attention.attention_backward(
-        dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, bias is not None,
-        block_layout,
-    )
+    with context():
+        dq, dk, dv, dbias = triton_attention.attention_backward(
+            dout, q, k, v, bias, mask, out, m_stat, log_l, scale, causal, dropout_p, seed, group, mask_value, bias is not None,
+            block_layout,
+        )
     for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
         assert rel_err(got, want) < tol, (name, rel_err(got, want))
     if bias is not None:
@@ -184,6 +190,27 @@ def test_block_sparse_patterns_bf16(name):
     run_case(torch.bfloat16, b=1, hq=4, m=4096, n=4096, d=64, causal=causal, mask=make()[None, None])
 
 
+# every row keeps one interval of keys, with PARTIAL blocks: eager calls compute the mask from row ranges
+RANGE_PATTERNS = {
+    "sliding_window-500": (lambda: mp.sliding_window(4096, 4096, window=500)[None, None], True, 0.0),
+    "sliding_window-bidirectional-dropout": (lambda: mp.sliding_window(4096, 4096, window=300, causal_=False)[None, None], False, 0.1),
+    "document-unaligned": (lambda: mp.document([1000, 2000, 1096])[None, None], False, 0.0),
+    "prefix_lm": (lambda: mp.prefix_lm(4096, 4096, prefix=1000)[None, None], False, 0.0),
+    "padding": (lambda: mp.padding([4000, 2500], 4096), True, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RANGE_PATTERNS))
+def test_block_sparse_row_ranges_bf16(monkeypatch, name):
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    bs.kernel_list_cache.clear()
+    make, causal, p = RANGE_PATTERNS[name]
+    mask = make()
+    run_case(torch.bfloat16, b=mask.shape[0], hq=4, m=4096, n=4096, d=64, causal=causal, dropout_p=p, mask=mask, eager=True)
+    cached = [value for _, value in bs.kernel_list_cache.entries.values()]
+    assert cached and all(lists.ranges is not None for lists in cached)
+
+
 def test_block_sparse_padding_bf16():
     run_case(torch.bfloat16, b=2, hq=4, m=4096, n=4096, d=64, mask=mp.padding([4096, 2500], 4096))
 
@@ -227,7 +254,6 @@ def test_block_sparse_explicit_layout_gqa_bf16():
 @pytest.mark.parametrize("name", sorted(SPARSE_PATTERNS))
 def test_block_lists_kernels_match_torch(name):
     # the launchers' GPU list kernels against block_sparse's torch ops, bit for bit, at N=4096
-    from flashfuse.kernels import block_sparse as bs
 
     make, causal = SPARSE_PATTERNS[name]
     keep = make()[None, None].to(DEV)
@@ -243,7 +269,6 @@ def test_block_lists_kernels_match_torch(name):
 def test_block_lists_kernels_int64_offsets():
     # a mask view whose row offsets pass 2^31 elements (4096 rows x 2^20 + 128 stride): the
     # summary kernel must address it with 64-bit offsets (int32 ones crashed at N=64K)
-    from flashfuse.kernels import block_sparse as bs
 
     big = torch.zeros(4096, 2**20 + 128, dtype=torch.bool, device=DEV)
     keep = big[:, :4096]
