@@ -27,7 +27,7 @@ for spec in "$@"; do
         probes-ranges) cmd=(bash -c "for r in 1 0; do echo \"== FLASHFUSE_MASK_RANGES=\$r\"; export FLASHFUSE_MASK_RANGES=\$r;
             python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind fwd --configs 64,64,4,3 64,64,4,3,128 128,64,4,3 128,64,8,3;
             python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind bwd_dq --configs 64,64,4,3 64,64,4,3,128 128,64,8,3;
-            python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind bwd_dkdv --configs 32,128,4,3 64,64,4,3; done") ;;
+            python3 benchmarks/config_probe.py --cell ${PROBE_CELL:-65536,sliding,4096} --kind bwd_dkdv --configs 32,128,4,3 64,64,4,3 32,128,8,3; done") ;;
         sweep-full) cmd=(python3 benchmarks/kernel_sweep.py --budget-s $budget --out "$W") ;;
         sweep-bf16) cmd=(python3 benchmarks/kernel_sweep.py --dtypes bf16 --dropout 0 --no-dbias --prewarm ${PREWARM:-8} --budget-s $budget --out "$W") ;;
         sparse-profile) cmd=(python3 benchmarks/profile_sparse.py ${SPARSE_CELLS:-4096,document,512 4096,sliding,256 65536,document,8192 65536,sliding,4096}) ;;

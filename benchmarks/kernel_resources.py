@@ -46,8 +46,8 @@ def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype
                 dropout_p: float = 0.0, ranges: bool = False) -> tuple:
     """(kernel, args, kwargs) that the op's launcher passes for `kind`, captured before launching.
 
-    ranges: pass the mask as row ranges (MASK_RANGES), as eager calls do when every row of the
-    mask keeps one interval of keys."""
+    ranges: pass the mask as row ranges (MASK_RANGES; column ranges, COL_RANGES, to dK/dV), as
+    eager calls do when every row (column) of the mask keeps one interval of keys (queries)."""
     from flashfuse.kernels import block_sparse, triton_attention
 
     seen = {}
@@ -64,9 +64,10 @@ def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype
     triton_attention._launch = capture
     if ranges:
         row_ranges, is_ranges = block_sparse.row_ranges(block_sparse.row_stats(mask))
-        if not bool(is_ranges):
-            raise SystemExit("--ranges: some row of this mask keeps more than one interval of keys")
-        triton_attention._kernel_mask = lambda mask_, lists: (row_ranges, True)
+        col_ranges, is_col_ranges = block_sparse.row_ranges(block_sparse.row_stats(mask.transpose(-2, -1)))
+        if not (bool(is_ranges) and bool(is_col_ranges)):
+            raise SystemExit("--ranges: some row or column of this mask keeps more than one interval")
+        triton_attention._kernel_mask = lambda mask_, lists, kv_walk=False: (col_ranges if kv_walk else row_ranges, True)
     try:
         if kind == "fwd":
             triton_attention.attention_forward(q, k, v, b, mask, d ** -0.5, causal, dropout_p, seed, 1, float("-inf"))
@@ -133,7 +134,8 @@ def pruned_configs(kind: str, kernel, args: tuple, kwargs: dict, smem_limit: int
     bias = named.get("Bias")
     kept = configs.prune(kind, configs.CONFIGS[kind], int(named["BLOCK_D"]), int(named["BLOCK_DV"]), ref.element_size(),
                          smem_limit, "all", bias_bytes=bias.element_size() if bias is not None else 0,
-                         has_mask=named.get("Mask") is not None, mask_tile=named.get("Mask") is not None and not named.get("MASK_RANGES"))
+                         has_mask=named.get("Mask") is not None,
+                         mask_tile=named.get("Mask") is not None and not (named.get("MASK_RANGES") or named.get("COL_RANGES")))
     return [{k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg") if k in c} for c in kept]
 
 

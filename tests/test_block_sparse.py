@@ -408,12 +408,18 @@ def test_summary_kernel_row_stats_match_torch(name):
     got = bs._kernel_lists_triton(t, 32, m, n, False, False, row_stats=True)
     collapsed = bs._collapse_expanded(t)
     torch.testing.assert_close(got.row_stats, bs.row_stats(collapsed), rtol=0, atol=0)
-    ranges, is_ranges = bs.row_ranges(got.row_stats)
-    assert bool(is_ranges) == _brute_intervals(collapsed)
-    if is_ranges:
-        j = torch.arange(collapsed.shape[-1])
-        rebuilt = (j >= ranges[..., :1]) & (j < ranges[..., 1:])
-        assert torch.equal(rebuilt, collapsed)
+    if collapsed.shape[2] == 1:
+        assert got.col_stats is None  # a row-broadcast mask: its columns say nothing about M rows
+    else:
+        torch.testing.assert_close(got.col_stats, bs.row_stats(collapsed.transpose(-2, -1)), rtol=0, atol=0)
+    for stats, lines in ((got.row_stats, collapsed), (got.col_stats, collapsed.transpose(-2, -1))):
+        if stats is None:
+            continue
+        ranges, is_ranges = bs.row_ranges(stats)
+        assert bool(is_ranges) == _brute_intervals(lines)
+        if is_ranges:
+            j = torch.arange(lines.shape[-1])
+            assert torch.equal((j >= ranges[..., :1]) & (j < ranges[..., 1:]), lines)
 
 
 def test_row_ranges_of_rows_that_are_not_one_interval():
@@ -427,19 +433,22 @@ def test_row_ranges_of_rows_that_are_not_one_interval():
     assert bool(bs.row_ranges(bs.row_stats(keep))[1])
 
 
-# name -> (mask, kwargs of flashfuse.attention, whether every row keeps one interval of keys)
+# name -> (mask, kwargs of flashfuse.attention, (every row keeps one interval of keys, every
+# column one interval of queries)); a row-broadcast mask gets no column ranges
 RANGE_CASES = {
-    "sliding_window_causal": lambda: (mp.sliding_window(300, 300, window=100)[None, None], dict(causal=True), True),
-    "sliding_window_bidirectional": lambda: (mp.sliding_window(300, 300, window=70, causal_=False)[None, None], {}, True),
-    "document_unaligned_dropout": lambda: (mp.document([100, 150, 50])[None, None], dict(dropout_p=0.2), True),
-    "prefix_lm_finite_fill": lambda: (mp.prefix_lm(300, 300, prefix=140)[None, None], dict(mask_value=-1e4), True),
-    "padding_rows_bcast": lambda: (mp.padding([300, 129], 300), {}, True),
+    "sliding_window_causal": lambda: (mp.sliding_window(300, 300, window=100)[None, None], dict(causal=True), (True, True)),
+    "sliding_window_bidirectional": lambda: (mp.sliding_window(300, 300, window=70, causal_=False)[None, None], {}, (True, True)),
+    "document_unaligned_dropout": lambda: (mp.document([100, 150, 50])[None, None], dict(dropout_p=0.2), (True, True)),
+    "prefix_lm_finite_fill": lambda: (mp.prefix_lm(300, 300, prefix=140)[None, None], dict(mask_value=-1e4), (True, True)),
+    "padding_rows_bcast": lambda: (mp.padding([300, 129], 300), {}, (True, False)),
     "per_head_gqa": lambda: (torch.stack([mp.sliding_window(300, 300, window=60), mp.document([128, 100, 72]),
-                                          mp.prefix_lm(300, 300, prefix=70), mp.causal(300, 300)])[None], dict(gqa_group=2), True),
-    "empty_rows": lambda: (_empty_rows_mask(), {}, True),
-    "empty_rows_finite_fill": lambda: (_empty_rows_mask(), dict(mask_value=F32_MIN), True),
-    "dilated": lambda: (mp.dilated(300, 300, stride=3)[None, None], {}, False),
-    "random_elements": lambda: (torch.rand(1, 1, 300, 300, generator=torch.Generator().manual_seed(2)) > 0.3, {}, False),
+                                          mp.prefix_lm(300, 300, prefix=70), mp.causal(300, 300)])[None], dict(gqa_group=2),
+                             (True, True)),
+    "empty_rows": lambda: (_empty_rows_mask(), {}, (True, False)),
+    "empty_rows_finite_fill": lambda: (_empty_rows_mask(), dict(mask_value=F32_MIN), (True, False)),
+    "columns_only": lambda: (_empty_rows_mask().transpose(-2, -1), {}, (False, True)),
+    "dilated": lambda: (mp.dilated(300, 300, stride=3)[None, None], {}, (False, False)),
+    "random_elements": lambda: (torch.rand(1, 1, 300, 300, generator=torch.Generator().manual_seed(2)) > 0.3, {}, (False, False)),
 }
 
 
@@ -453,16 +462,17 @@ def _empty_rows_mask():
 @pytest.mark.parametrize("name", sorted(RANGE_CASES))
 def test_eager_calls_compute_interval_masks_from_row_ranges(monkeypatch, name):
     # Eager calls whose mask keeps one interval of keys per row (and has PARTIAL blocks) pass
-    # the kernels the rows' (lo, hi) instead of the mask (MASK_RANGES): fwd, dK/dV and dQ all
-    # match the oracle, as do the masks that are not intervals (loaded as before).
+    # the forward and dQ the rows' (lo, hi) instead of the mask (MASK_RANGES), and dK/dV the
+    # columns' query intervals (COL_RANGES) when every column is one: all match the oracle, as
+    # do the masks that are not intervals (loaded as before).
     import flashfuse
     from flashfuse.kernels import philox, triton_attention
 
     monkeypatch.setenv("FLASHFUSE_STRICT", "1")  # a failing kernel must fail here, not fall back
     monkeypatch.delenv(bs.CACHE_ENV, raising=False)
-    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: (kind, kw.get("MASK_RANGES")))
+    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: (kind, kw.get("MASK_RANGES", kw.get("COL_RANGES"))))
     bs.kernel_list_cache.clear()
-    mask, kw, intervals = RANGE_CASES[name]()
+    mask, kw, (rows, cols) = RANGE_CASES[name]()
     b, group, p = mask.shape[0], kw.get("gqa_group", 1), kw.get("dropout_p", 0.0)
     hq = mask.shape[1] if mask.shape[1] > 1 else 2
     gen = torch.Generator().manual_seed(len(name) + 7)
@@ -473,7 +483,7 @@ def test_eager_calls_compute_interval_masks_from_row_ranges(monkeypatch, name):
     dout = torch.randn(out.shape, generator=gen)
     got = torch.autograd.grad(out, (q, k, v), dout)
     flags = {kind: flag for kind, flag in launched if kind != "bwd_preprocess"}
-    assert flags == {"fwd": intervals, "bwd_dkdv": intervals, "bwd_dq": intervals}, launched
+    assert flags == {"fwd": rows, "bwd_dkdv": cols, "bwd_dq": rows}, launched
     torch.manual_seed(3)
     seed = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64))
     keep = philox.keep_mask(seed, p, b, hq, 300, 300) if p > 0 else None

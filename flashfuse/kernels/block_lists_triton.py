@@ -43,13 +43,14 @@ def _single(fn):
 @_single
 @triton.jit
 def _summary_kernel(
-    t_ptr, out_ptr, stats_ptr,
+    t_ptr, out_ptr, stats_ptr, col_stats_ptr,
     stride_tz, stride_th, stride_tm, stride_tn,
     stride_oz, stride_oh, stride_om, stride_on,
     stride_sz, stride_sh, stride_sm,
+    stride_cz, stride_ch, stride_cn,
     heads, m_len, n_len, n_blocks,
     IS_BOOL: tl.constexpr, DEMOTE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    COLS_PER_PROGRAM: tl.constexpr, ROW_STATS: tl.constexpr,
+    COLS_PER_PROGRAM: tl.constexpr, ROW_STATS: tl.constexpr, COL_STATS: tl.constexpr,
 ):
     row = tl.program_id(0)
     c_first = tl.program_id(1) * COLS_PER_PROGRAM
@@ -81,6 +82,14 @@ def _summary_kernel(
                 row_kept += per_row
                 row_first = tl.minimum(row_first, tl.min(tl.where(keep, cols[None, :], n_len), 1))
                 row_last = tl.maximum(row_last, tl.max(tl.where(keep, cols[None, :], -1), 1))
+            if COL_STATS:
+                # the same per key column over this program's rows, merged across row blocks at once
+                col_kept = tl.sum(keep.to(tl.int32), 0)
+                cp = col_stats_ptr + z.to(tl.int64) * stride_cz + h.to(tl.int64) * stride_ch + cols.to(tl.int64) * stride_cn
+                some_c = (cols < n_len) & (col_kept > 0)
+                tl.atomic_add(cp, col_kept, mask=some_c, sem="relaxed")
+                tl.atomic_min(cp + 1, tl.min(tl.where(keep, offs_m[:, None], m_len), 0), mask=some_c, sem="relaxed")
+                tl.atomic_max(cp + 2, tl.max(tl.where(keep, offs_m[:, None], -1), 0), mask=some_c, sem="relaxed")
             empty = kept == 0
             full = kept == valid
         else:
@@ -162,13 +171,14 @@ def _compact(count_ptr, list_ptr, idx, valid, sel):
 COLS_PER_PROGRAM = 8
 
 
-def summarize(t, block: int, out, demote_empty: bool = False, stats=None) -> None:
+def summarize(t, block: int, out, demote_empty: bool = False, stats=None, col_stats=None) -> None:
     """Fill `out` [Bs, Hs, Mb|1, Nb] int8 with the summary of a 4-D bool mask or additive bias
     whose stride-0 dims were already collapsed to size 1 (block_sparse._collapse_expanded).
 
     stats: None, or (bool masks) an int32 [Bs, Hs, M, 3] filled with (0, N, -1), which the same
     pass over the mask turns into (kept keys, first kept key, last kept key) per query row
-    (block_sparse.row_ranges reads it).
+    (block_sparse.row_ranges reads it). col_stats: the same per key column over query rows,
+    [Bs, Hs, N, 3] filled with (0, M, -1), for a mask with M > 1 rows.
     """
     bs, hs, m, n = t.shape
     block_m = block if m > 1 else 16  # a row-broadcast bias: one valid row, masked tile
@@ -177,10 +187,13 @@ def summarize(t, block: int, out, demote_empty: bool = False, stats=None) -> Non
     row_stats = stats is not None
     assert not row_stats or t.dtype == torch.bool
     stats_strides = stats.stride()[:3] if row_stats else (0, 0, 0)
+    assert col_stats is None or (t.dtype == torch.bool and m > 1)
+    col_strides = col_stats.stride()[:3] if col_stats is not None else (0, 0, 0)
     _launch(
-        "block_summary", _summary_kernel, grid, t, out, stats, *t.stride(), *out.stride(), *stats_strides, hs, m, n, nb,
+        "block_summary", _summary_kernel, grid, t, out, stats, col_stats, *t.stride(), *out.stride(), *stats_strides, *col_strides,
+        hs, m, n, nb,
         IS_BOOL=t.dtype == torch.bool, DEMOTE_EMPTY=bool(demote_empty), BLOCK_M=block_m, BLOCK_N=block,
-        COLS_PER_PROGRAM=COLS_PER_PROGRAM, ROW_STATS=row_stats,
+        COLS_PER_PROGRAM=COLS_PER_PROGRAM, ROW_STATS=row_stats, COL_STATS=col_stats is not None,
     )
 
 

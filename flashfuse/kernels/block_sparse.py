@@ -299,8 +299,13 @@ class KernelLists:
     # the keep-mask of a tile instead of loading it. Known only for cached (eager) lists of one
     # bool mask on the Triton path (the same host sync as no_partial).
     ranges: Optional[Tensor] = None
-    # (kept, first, last) per mask row from the summary pass, until build_cached reads it
+    # The same per key column: int32 [Bs, Hs, N, 2] of query intervals (lo, hi), set when every
+    # column keeps one interval of queries (and the mask has more than one row). dK/dV, which
+    # walks the queries of a fixed key block, computes its tiles from these (COL_RANGES).
+    col_ranges: Optional[Tensor] = None
+    # (kept, first, last) per mask row / column from the summary pass, until build_cached reads them
     row_stats: Optional[Tensor] = None
+    col_stats: Optional[Tensor] = None
 
     @property
     def density(self) -> float:
@@ -420,11 +425,16 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
         if lists.row_stats is not None:
             ranges, is_ranges = row_ranges(lists.row_stats)
             flags.append(is_ranges)
+        if lists.col_stats is not None:
+            col_ranges, is_col_ranges = row_ranges(lists.col_stats)
+            flags.append(is_col_ranges)
         values = torch.stack(flags).tolist()  # the one sync per cached mask
         lists.no_partial = not values[0]
-        if len(values) > 1 and values[1]:
+        if lists.row_stats is not None and values[1]:
             lists.ranges = ranges
-        lists.row_stats = None
+        if lists.col_stats is not None and values[-1]:
+            lists.col_ranges = col_ranges
+        lists.row_stats = lists.col_stats = None
         return lists
 
     if not cacheable(bias, mask, layout):  # an uncached call: no sync for no_partial
@@ -444,17 +454,18 @@ def _kernel_lists_triton(t: Tensor, block: int, m: int, n: int, causal: bool, fi
     t = _collapse_expanded(t)
     tm, tn = t.shape[-2:]
     summary = torch.empty((t.shape[0], t.shape[1], _cdiv(tm, block) if tm > 1 else 1, _cdiv(tn, block)), dtype=torch.int8, device=t.device)
-    stats = _stats_buffer(t) if row_stats and t.dtype == torch.bool else None
-    block_lists_triton.summarize(t, block, summary, demote_empty=finite_fill, stats=stats)
+    stats = _stats_buffer(t, t.shape[2], tn) if row_stats and t.dtype == torch.bool else None
+    col_stats = _stats_buffer(t, tn, tm) if stats is not None and tm > 1 else None  # a row-broadcast mask: rows only
+    block_lists_triton.summarize(t, block, summary, demote_empty=finite_fill, stats=stats, col_stats=col_stats)
     lists = _pack_lists_triton(summary, block, m, n, causal)
-    lists.row_stats = stats
+    lists.row_stats, lists.col_stats = stats, col_stats
     return lists
 
 
-def _stats_buffer(t: Tensor) -> Tensor:
-    # (kept, first, last) per row of a [Bs, Hs, M, N] mask, before any key is seen
-    init = torch.tensor([0, t.shape[-1], -1], dtype=torch.int32, device=t.device)
-    return init.expand(*t.shape[:3], 3).contiguous()
+def _stats_buffer(t: Tensor, lines: int, length: int) -> Tensor:
+    # (kept, first, last) per row (or column) of a [Bs, Hs, M, N] mask, before anything is seen
+    init = torch.tensor([0, length, -1], dtype=torch.int32, device=t.device)
+    return init.expand(*t.shape[:2], lines, 3).contiguous()
 
 
 def row_stats(t: Tensor) -> Tensor:

@@ -308,7 +308,7 @@ def _signature(c) -> tuple:
 
 # Configs that ran out of resources at launch, per kernel variant: {variant_key: {signature}}.
 _BANNED: Dict[tuple, set] = {}
-_VARIANT_ARGS = ("HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "MASK_RANGES", "DROPOUT",
+_VARIANT_ARGS = ("HEAD_DIM", "HEAD_DIM_V", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "MASK_RANGES", "COL_RANGES", "DROPOUT",
                  "LOG2_DOMAIN", "DOT_PRECISION", "BIAS_GRAD", "DBIAS_ATOMIC", "BIAS_ROW_BCAST", "HAS_SPARSE", "SPARSE_BLOCK")
 
 
@@ -378,10 +378,10 @@ def _pruner(kind: str):
         bias = args.get("Bias")
         bias_bytes = bias.element_size() if hasattr(bias, "element_size") else 0
         has_mask = hasattr(args.get("Mask"), "element_size")
-        # row ranges (MASK_RANGES) keep the mask tier but load no mask tile
+        # row / column ranges (MASK_RANGES, COL_RANGES) keep the mask tier but load no mask tile
         return prune(kind, configs, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune_mode(),
                      bias_bytes=bias_bytes, has_mask=has_mask, exclude=banned(variant_key(kind, args)),
-                     mask_tile=has_mask and not args.get("MASK_RANGES"))
+                     mask_tile=has_mask and not (args.get("MASK_RANGES") or args.get("COL_RANGES")))
 
     early_config_prune.__name__ = f"prune_{kind}"
     return early_config_prune

@@ -97,8 +97,8 @@ def _sparse(bias, mask, block_layout, mask_value: float, causal: bool, m_len: in
     return lists, dict(HAS_SPARSE=lists is not None, SPARSE_BLOCK=SPARSE_BLOCK)
 
 
-def _kernel_mask(mask, lists):
-    """(the kernels' Mask argument, MASK_RANGES): what the kernels need of the mask.
+def _kernel_mask(mask, lists, kv_walk: bool = False):
+    """(the kernels' Mask argument, whether it is ranges): what the kernels need of the mask.
 
     None when the lists already say all it says: no block of the combined summary is PARTIAL
     (`KernelLists.no_partial`, known for eager calls only). EMPTY blocks are not walked and
@@ -109,12 +109,17 @@ def _kernel_mask(mask, lists):
     Else the row ranges, when every row of the mask keeps one interval of keys (sliding
     windows, documents, prefix-LM, padding; `KernelLists.ranges`, eager calls): the kernels
     compute PARTIAL tiles' keep-masks from them and load no mask tile.
+    kv_walk (dK/dV, which walks the queries of a key block): the column ranges instead
+    (`KernelLists.col_ranges`, COL_RANGES), else the mask itself. NB: H100, N=64K sliding window
+    4096, dK/dV with per-step row ranges 5.76 ms against 5.65 ms loading the mask tiles
+    (32x128/4 warps; benchmarks/config_probe.py, 2026-11-22 11:24), so row ranges are not used there.
     """
     if mask is not None and lists is not None:
         if lists.no_partial:
             return None, False
-        if lists.ranges is not None:
-            return lists.ranges, True
+        ranges = lists.col_ranges if kv_walk else lists.ranges
+        if ranges is not None:
+            return ranges, True
     return mask, False
 
 
@@ -242,6 +247,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
         return dq, dk, dv, (torch.zeros_like(bias) if needs_dbias else None)
 
     lists, sparse = _sparse(bias, mask, block_layout, _fp32(mask_value), causal, m_len, n_len)
+    mask_kv, col_ranges = _kernel_mask(mask, lists, kv_walk=True)
     mask, ranges = _kernel_mask(mask, lists)
     mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
     variant = _variant(q, k, v, bias, mask, causal, dropout, needs_dbias)
@@ -261,7 +267,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     common = dict(
         HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
         IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
-        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse, MASK_RANGES=ranges,
+        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse,
     )
     dropout_t = philox.threshold(dropout_p) if dropout else 0
     k_dkdv, k_dq = variant.kernel("bwd_dkdv"), variant.kernel("bwd_dq")
@@ -274,13 +280,13 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
         )
         _launch(
             "bwd_dkdv", k_dkdv, lambda meta: (triton.cdiv(n_len, meta["BLOCK_N"]), b * hkv),
-            q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf, q_lists,
-            *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask),
+            q, k, v, bias, mask_kv, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf, q_lists,
+            *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask_kv),
             *dout.stride(), *dk.stride(), *dv.stride(), *db_strides, *q_list_args[:3],
             hq, hkv, group, m_len, n_len, q_list_args[3], _bucket(m_len), _bucket(n_len),
             qk_scale, float(scale), mask_value, dropout_t, dropout_scale,
             BIAS_GRAD=needs_dbias, DBIAS_ATOMIC=dbias_atomic, BIAS_ROW_BCAST=bias_row_bcast,
-            **common,
+            **common, COL_RANGES=col_ranges,
         )
         _launch(
             "bwd_dq", k_dq, lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq),
@@ -289,7 +295,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
             *dout.stride(), *dq.stride(), *kv_list_args[:3],
             hq, group, m_len, n_len, kv_list_args[3], _bucket(m_len), _bucket(n_len),
             qk_scale, float(scale), mask_value, dropout_t, dropout_scale,
-            **common,
+            **common, MASK_RANGES=ranges,
         )
 
     dbias = None

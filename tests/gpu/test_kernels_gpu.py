@@ -208,7 +208,8 @@ def test_block_sparse_row_ranges_bf16(monkeypatch, name):
     mask = make()
     run_case(torch.bfloat16, b=mask.shape[0], hq=4, m=4096, n=4096, d=64, causal=causal, dropout_p=p, mask=mask, eager=True)
     cached = [value for _, value in bs.kernel_list_cache.entries.values()]
-    assert cached and all(lists.ranges is not None for lists in cached)
+    # rows as ranges for the forward and dQ; columns for dK/dV, except a row-broadcast mask's
+    assert cached and all(lists.ranges is not None and (lists.col_ranges is not None) == (mask.shape[2] > 1) for lists in cached)
 
 
 def test_block_sparse_padding_bf16():
