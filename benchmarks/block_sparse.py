@@ -324,6 +324,12 @@ def strict_kernels(on: bool):
                 os.environ[ops.STRICT_ENV] = old
 
 
+def _launch_choices() -> list:
+    from flashfuse.kernels import launch
+
+    return launch.choices
+
+
 def _fallbacks() -> int:
     from torch._dynamo.utils import counters
 
@@ -358,6 +364,7 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
     fl = 4.0 * cfg.D * stats["kept_elements"]
     ours = impl.startswith("flashfuse")
     fb0 = _fallbacks() if ours else 0
+    choices0 = len(_launch_choices())
     caught: list = []
     stage, fn, out = "build", None, None
     try:
@@ -405,6 +412,8 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
     finally:
         fn = out = None  # noqa: F841
         cleanup(o.device)
+    if ours and len(_launch_choices()) > choices0:  # configs the autotuner chose in this cell
+        row["autotune_choices"] = [f"{n} {k} -> {c}" for n, k, c in _launch_choices()[choices0:]]
     if ours and _fallbacks() > fb0:
         row["kernel_fallback"] = _fallbacks() - fb0
         row["note"] = (row.get("note", "") + " Triton kernel failed: flashfuse's reference kernel ran").strip()

@@ -3,7 +3,7 @@
     python benchmarks/config_probe.py --cell 65536,sliding,4096 --kind fwd \
         --configs 64,64,4,3 64,64,4,2 64,64,4,3,128 128,64,4,3
 Each config is BLOCK_M,BLOCK_N,num_warps,num_stages[,maxnreg]. The cell is N,pattern,parameter
-of the block-sparse suite (B=1, H=16, D=64, bf16; `none` as the pattern: no mask). For each
+of the block-sparse suite (B=1, H=16, D=--d (64), bf16; `none` as the pattern: no mask). For each
 config the op runs with that one config for `--kind` (the other kernels keep their autotuned
 ones) and the script prints the CUDA time per call of that kernel (torch.profiler) and what the
 compiled kernel uses. A diagnostic for choosing configs and template changes, not a suite.
@@ -49,18 +49,19 @@ def main() -> None:
     p.add_argument("--cell", default="65536,sliding,4096")
     p.add_argument("--kind", default="fwd", choices=tuple(KERNEL))
     p.add_argument("--configs", nargs="+", default=["64,64,4,3"])
+    p.add_argument("--d", type=int, default=64, help="head dim")
     args = p.parse_args()
     import flashfuse
 
     n, pattern, param = args.cell.split(",")
     n = int(n)
-    cfg = common.AttnConfig(dtype="bf16", B=1, H=16, N=n, D=64, causal=False, dropout=0.0)
+    cfg = common.AttnConfig(dtype="bf16", B=1, H=16, N=n, D=args.d, causal=False, dropout=0.0)
     q, k, v, do = common.make_inputs(cfg, "cuda")
     mask = None
     if pattern != "none":
         case = suite.MaskCase(pattern, int(param) if pattern != "causal" else None, n, 1, 16, "cuda")
         mask = case.mask4
-        print(f"== N={n} {pattern} {param}: density {case.stats['density']:.4f}, partial blocks {case.n_partial}", flush=True)
+        print(f"== N={n} D={args.d} {pattern} {param}: density {case.stats['density']:.4f}, partial blocks {case.n_partial}", flush=True)
 
     def fwdbwd():
         torch.autograd.grad(flashfuse.attention(q, k, v, mask=mask), (q, k, v), do)
