@@ -87,6 +87,11 @@ CONFIGS: Dict[str, List[Dict[str, Any]]] = {
         {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 64, "extra": True},
         {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "max_block_d": 128, "extra": True},
         {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
+        # NB: D=128 on an H100 (benchmarks/config_probe.py --d 128, 2026-11-22 11:58): 1.19 vs 1.63 ms
+        # for the 32 x 128 / 8-warp config at N=16K (documents of 2048), 8.35 vs 10.58 ms at N=64K
+        # (sliding window 4096); 131840 B of shared memory, as estimated. Not below 128: 64 x 128 /
+        # 8 warps / 3 stages stays the extra one there.
+        {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "max_block_d": 128, "extra_below_d": 128},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
         {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_block_d": 64, "extra": True},
         {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_block_d": 128, "extra": True},
