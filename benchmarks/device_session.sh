@@ -31,6 +31,7 @@ for spec in "$@"; do
         probes-d128) cmd=(bash -c "for cell in 16384,document,2048 65536,sliding,4096; do
             python3 benchmarks/config_probe.py --d 128 --cell \$cell --kind bwd_dkdv --configs 32,128,8,3 64,128,8,2 64,128,8,3 64,64,4,3 32,64,4,3 64,64,8,3;
             python3 benchmarks/config_probe.py --d 128 --cell \$cell --kind bwd_dq --configs 128,64,8,3 64,64,4,3 128,64,8,2 128,32,8,3 64,32,4,3; done") ;;
+        sweep-d128) cmd=(python3 benchmarks/kernel_sweep.py --dtypes bf16 --dropout 0 --head-dims 128 --seqlens 2048,8192,16384 --no-dbias --impls flashfuse,flashfuse_op,sdpa_flash,sdpa_cudnn,flex --prewarm ${PREWARM:-8} --budget-s $budget --out "$W") ;;
         sweep-full) cmd=(python3 benchmarks/kernel_sweep.py --budget-s $budget --out "$W") ;;
         sweep-bf16) cmd=(python3 benchmarks/kernel_sweep.py --dtypes bf16 --dropout 0 --no-dbias --prewarm ${PREWARM:-8} --budget-s $budget --out "$W") ;;
         sparse-profile) cmd=(python3 benchmarks/profile_sparse.py ${SPARSE_CELLS:-4096,document,512 4096,sliding,256 65536,document,8192 65536,sliding,4096}) ;;
