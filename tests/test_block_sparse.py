@@ -447,6 +447,9 @@ RANGE_CASES = {
     "empty_rows": lambda: (_empty_rows_mask(), {}, (True, False)),
     "empty_rows_finite_fill": lambda: (_empty_rows_mask(), dict(mask_value=F32_MIN), (True, False)),
     "columns_only": lambda: (_empty_rows_mask().transpose(-2, -1), {}, (False, True)),
+    "per_batch_documents": lambda: (torch.stack([mp.document([100, 200]), mp.document([37, 130, 133])])[:, None], {}, (True, True)),
+    "expanded_heads": lambda: (mp.sliding_window(300, 300, window=90)[None, None].expand(1, 2, 300, 300), dict(causal=True), (True, True)),
+    "cross_200x300_prefix": lambda: (mp.prefix_lm(200, 300, prefix=150)[None, None], {}, (True, True)),
     "dilated": lambda: (mp.dilated(300, 300, stride=3)[None, None], {}, (False, False)),
     "random_elements": lambda: (torch.rand(1, 1, 300, 300, generator=torch.Generator().manual_seed(2)) > 0.3, {}, (False, False)),
 }
@@ -475,9 +478,10 @@ def test_eager_calls_compute_interval_masks_from_row_ranges(monkeypatch, name):
     mask, kw, (rows, cols) = RANGE_CASES[name]()
     b, group, p = mask.shape[0], kw.get("gqa_group", 1), kw.get("dropout_p", 0.0)
     hq = mask.shape[1] if mask.shape[1] > 1 else 2
+    m, n = (mask.shape[2] if mask.shape[2] > 1 else 300), mask.shape[3]
     gen = torch.Generator().manual_seed(len(name) + 7)
-    q = torch.randn(b, hq, 300, 16, generator=gen, requires_grad=True)
-    k, v = (torch.randn(b, hq // group, 300, 16, generator=gen, requires_grad=True) for _ in range(2))
+    q = torch.randn(b, hq, m, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(b, hq // group, n, 16, generator=gen, requires_grad=True) for _ in range(2))
     torch.manual_seed(3)  # the op draws its dropout seed from the global generator
     out = flashfuse.attention(q, k, v, mask=mask, kernel="triton", **kw)
     dout = torch.randn(out.shape, generator=gen)
@@ -486,7 +490,7 @@ def test_eager_calls_compute_interval_masks_from_row_ranges(monkeypatch, name):
     assert flags == {"fwd": rows, "bwd_dkdv": cols, "bwd_dq": rows}, launched
     torch.manual_seed(3)
     seed = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64))
-    keep = philox.keep_mask(seed, p, b, hq, 300, 300) if p > 0 else None
+    keep = philox.keep_mask(seed, p, b, hq, m, n) if p > 0 else None
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, _ = oracle.attention(*leaves, None, mask, 16 ** -0.5, kw.get("causal", False), p, seed, group,
                               kw.get("mask_value", float("-inf")), keep=keep)
