@@ -49,7 +49,7 @@ for spec in "$@"; do
         block-sparse) cmd=(python3 benchmarks/block_sparse.py --quick --budget-s $budget --out "$W") ;;
         block-sparse-d64) cmd=(python3 benchmarks/block_sparse.py --head-dims 64 --budget-s $budget --out "$W") ;;
         block-sparse-d128) cmd=(python3 benchmarks/block_sparse.py --head-dims 128 --budget-s $budget --out "$W") ;;
-        host-profile) cmd=(bash -c "python3 benchmarks/host_profile.py --n 4096 --pattern sliding --param 1024; python3 benchmarks/host_profile.py --n 16384 --pattern document --param 512") ;;
+        host-profile) cmd=(bash -c "python3 benchmarks/host_profile.py --n 4096 --pattern sliding --param 1024 --trace $W/traces; python3 benchmarks/host_profile.py --n 16384 --pattern document --param 512") ;;
         memory) cmd=(python3 benchmarks/memory_scaling.py --quick --budget-s $budget --out "$W") ;;
         *) echo "unknown step $step"; continue ;;
     esac

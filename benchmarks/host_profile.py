@@ -39,11 +39,29 @@ class _Empty(torch.autograd.Function):
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) + (None,) * 10
 
 
+def _traces(folder: str, fns, device: str) -> None:
+    """CPU-side self time per op, both threads (the autograd engine runs CUDA backward functions on
+    its own device thread), and a chrome trace per fn: where a fwd+bwd's host time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(folder, exist_ok=True)
+    for name, fn in fns:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(20):
+                fn()
+            common.sync(device)
+        print(f"--- torch.profiler, 20 x {name}: CPU self time ---")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        prof.export_chrome_trace(os.path.join(folder, name.replace(" ", "_").replace("+", "") + ".json"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--pattern", default="sliding")
     p.add_argument("--param", type=int, default=1024)
+    p.add_argument("--trace", default=None, help="also write torch.profiler chrome traces of 20 fwd+bwd calls (op, flex) to this folder")
     args = p.parse_args()
     import flashfuse
     from flashfuse.kernels import block_sparse, triton_attention
@@ -94,6 +112,8 @@ def main() -> None:
             fn()
         best = min(common.host_us(fn, device, n=50) for _ in range(5))
         print(f"  {name:34s} {best:8.1f}", flush=True)
+    if args.trace:
+        _traces(args.trace, [(name, fn) for name, fn in rows if name in ("op fwd+bwd", "flex fwd+bwd")], device)
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(200):
