@@ -404,7 +404,9 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
 
             common.time_fwdbwd(row, fwdbwd, fl, o)
             if row.get("fwdbwd_ms") is not None and row["fwdbwd_ms"] < HOST_CHECK_BELOW_MS:
-                row["host_fwdbwd_us"] = round(common.host_us(fwdbwd, o.device), 1)
+                # NB: single 20-call loops of one cell read 660-3348 us on the H100 host (2026-11-22
+                # 11:26); the least of five loops is what host_profile.py reports too
+                row["host_fwdbwd_us"] = round(common.host_us(fwdbwd, o.device, n=20, repeats=5), 1)
             stage = "peak"
             row["peak_mb"], row["peak_delta_mb"] = common.peak_memory_mb(fwdbwd, o.device)
     except (Exception, CellTimeout) as e:  # noqa: BLE001  (every failure is a row)
@@ -657,7 +659,7 @@ def render_markdown(rows, goals, meta) -> str:
         out += [f"## D={d}: setup ms, host us and peak MB of fwd+bwd", "",
                 "setup: flashfuse_op = block summary of the mask (computed on the first call, then cached per mask tensor); "
                 "flashfuse_layout = the same plus the layout; flex = create_block_mask (a warm call; compiled above "
-                f"N={FLEX_EAGER_MASK_MAX_N}). host: microseconds of host time per fwd+bwd (20 calls issued without "
+                f"N={FLEX_EAGER_MASK_MAX_N}). host: microseconds of host time per fwd+bwd (the least of five loops of 20 calls issued without "
                 "waiting for the GPU); a fwd+bwd time near it is host-bound. Peak includes q, k, v, dout, grads and the "
                 "N x N bool mask (built for every impl).", "",
                 md_table(["N", "pattern", "window / doc len", "setup op", "setup layout", "setup flex", "host op", "host flex",

@@ -335,17 +335,20 @@ def time_fwdbwd(row: dict, fwdbwd: Callable[[], Any], fwd_flops: float, o) -> No
     row["fwdbwd_tflops"] = tflops(fwd_flops * FWD_BWD_FACTOR, row["fwdbwd_ms"])
 
 
-def host_us(fn: Callable[[], Any], device: str, n: int = 20) -> float:
+def host_us(fn: Callable[[], Any], device: str, n: int = 20, repeats: int = 1) -> float:
     """Host microseconds per call of fn: the wall time of n calls issued without waiting for the
-    GPU (it catches up afterwards). A cell whose median GPU time is near this is host-bound."""
-    fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
+    GPU (it catches up afterwards); the least of `repeats` such loops. A cell whose median GPU
+    time is near this is host-bound."""
+    best = float("inf")
+    for _ in range(max(repeats, 1)):
         fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    sync(device)
-    return t
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        sync(device)
+    return best
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: str) -> tuple[Optional[float], Optional[float]]:

@@ -110,7 +110,7 @@ def main() -> None:
     for name, fn in rows:
         for _ in range(3):
             fn()
-        best = min(common.host_us(fn, device, n=50) for _ in range(5))
+        best = common.host_us(fn, device, n=50, repeats=5)
         print(f"  {name:34s} {best:8.1f}", flush=True)
     if args.trace:
         _traces(args.trace, [(name, fn) for name, fn in rows if name in ("op fwd+bwd", "flex fwd+bwd")], device)
