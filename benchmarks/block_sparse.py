@@ -291,37 +291,33 @@ def build_fn(impl: str, case: MaskCase | None, n: int, device: str, kernel: str)
 
 
 @contextlib.contextmanager
+def _env(name: str, value):
+    """Environment variable `name` set to `value` inside the block (None: left as it is)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 def mask_ranges(on: bool):
     """FLASHFUSE_MASK_RANGES=0 while off: the kernels load an interval mask's tiles instead of computing them."""
     from flashfuse.kernels import block_sparse
 
-    old = os.environ.get(block_sparse.RANGES_ENV)
-    os.environ[block_sparse.RANGES_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(block_sparse.RANGES_ENV, None)
-        else:
-            os.environ[block_sparse.RANGES_ENV] = old
+    return _env(block_sparse.RANGES_ENV, "1" if on else "0")
 
 
-@contextlib.contextmanager
 def strict_kernels(on: bool):
     """FLASHFUSE_STRICT=1: a Triton failure raises (an error row) instead of timing the reference kernel."""
     from flashfuse import ops
 
-    old = os.environ.get(ops.STRICT_ENV)
-    if on:
-        os.environ[ops.STRICT_ENV] = "1"
-    try:
-        yield
-    finally:
-        if on:
-            if old is None:
-                os.environ.pop(ops.STRICT_ENV, None)
-            else:
-                os.environ[ops.STRICT_ENV] = old
+    return _env(ops.STRICT_ENV, "1" if on else None)
 
 
 def _launch_choices() -> list:

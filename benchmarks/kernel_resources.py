@@ -130,12 +130,7 @@ def pruned_configs(kind: str, kernel, args: tuple, kwargs: dict, smem_limit: int
 
     jit, _ = launch._jit_of(kernel)
     named = {**dict(zip(jit.arg_names, args)), **kwargs}
-    ref = named.get("Q", named.get("DO"))
-    bias = named.get("Bias")
-    kept = configs.prune(kind, configs.CONFIGS[kind], int(named["BLOCK_D"]), int(named["BLOCK_DV"]), ref.element_size(),
-                         smem_limit, "all", bias_bytes=bias.element_size() if bias is not None else 0,
-                         has_mask=named.get("Mask") is not None,
-                         mask_tile=named.get("Mask") is not None and not (named.get("MASK_RANGES") or named.get("COL_RANGES")))
+    kept = configs.prune_for_call(kind, configs.CONFIGS[kind], named, smem_limit, "all")
     return [{k: c[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg") if k in c} for c in kept]
 
 

@@ -76,7 +76,8 @@ def _summary_kernel(
         ptrs = base + cols.to(tl.int64)[None, :] * stride_tn
         if IS_BOOL:
             keep = tl.load(ptrs, mask=inb, other=0) != 0
-            per_row = tl.sum(keep.to(tl.int32), 1)
+            keep_i = keep.to(tl.int32)
+            per_row = tl.sum(keep_i, 1)
             kept = tl.sum(per_row, 0)
             if ROW_STATS:
                 row_kept += per_row
@@ -84,7 +85,7 @@ def _summary_kernel(
                 row_last = tl.maximum(row_last, tl.max(tl.where(keep, cols[None, :], -1), 1))
             if COL_STATS:
                 # the same per key column over this program's rows, merged across row blocks at once
-                col_kept = tl.sum(keep.to(tl.int32), 0)
+                col_kept = tl.sum(keep_i, 0)
                 cp = col_stats_ptr + z.to(tl.int64) * stride_cz + h.to(tl.int64) * stride_ch + cols.to(tl.int64) * stride_cn
                 some_c = (cols < n_len) & (col_kept > 0)
                 tl.atomic_add(cp, col_kept, mask=some_c, sem="relaxed")

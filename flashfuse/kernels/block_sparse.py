@@ -417,28 +417,21 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
             return _pack_lists_triton(summary, block, m, n, causal)
         return pack_lists(summary, block, m, n, causal)
 
-    ranges_on = os.environ.get(RANGES_ENV, "1") != "0"
-
     def build_cached():
         lists = build(row_stats=ranges_on)
-        flags = [(lists.summary == PARTIAL).any()]
-        if lists.row_stats is not None:
-            ranges, is_ranges = row_ranges(lists.row_stats)
-            flags.append(is_ranges)
-        if lists.col_stats is not None:
-            col_ranges, is_col_ranges = row_ranges(lists.col_stats)
-            flags.append(is_col_ranges)
-        values = torch.stack(flags).tolist()  # the one sync per cached mask
+        found = [(name, *row_ranges(stats)) for name, stats in (("ranges", lists.row_stats), ("col_ranges", lists.col_stats))
+                 if stats is not None]
+        values = torch.stack([(lists.summary == PARTIAL).any()] + [ok for _, _, ok in found]).tolist()  # the one sync per cached mask
         lists.no_partial = not values[0]
-        if lists.row_stats is not None and values[1]:
-            lists.ranges = ranges
-        if lists.col_stats is not None and values[-1]:
-            lists.col_ranges = col_ranges
+        for (name, ranges, _), ok in zip(found, values[1:]):
+            if ok:
+                setattr(lists, name, ranges)
         lists.row_stats = lists.col_stats = None
         return lists
 
     if not cacheable(bias, mask, layout):  # an uncached call: no sync for no_partial
         return build()
+    ranges_on = os.environ.get(RANGES_ENV, "1") != "0"
     return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill), ranges_on), build_cached)
 
 
@@ -454,7 +447,7 @@ def _kernel_lists_triton(t: Tensor, block: int, m: int, n: int, causal: bool, fi
     t = _collapse_expanded(t)
     tm, tn = t.shape[-2:]
     summary = torch.empty((t.shape[0], t.shape[1], _cdiv(tm, block) if tm > 1 else 1, _cdiv(tn, block)), dtype=torch.int8, device=t.device)
-    stats = _stats_buffer(t, t.shape[2], tn) if row_stats and t.dtype == torch.bool else None
+    stats = _stats_buffer(t, tm, tn) if row_stats and t.dtype == torch.bool else None
     col_stats = _stats_buffer(t, tn, tm) if stats is not None and tm > 1 else None  # a row-broadcast mask: rows only
     block_lists_triton.summarize(t, block, summary, demote_empty=finite_fill, stats=stats, col_stats=col_stats)
     lists = _pack_lists_triton(summary, block, m, n, causal)

@@ -372,21 +372,27 @@ def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int
     return kept
 
 
+def prune_for_call(kind: str, configs: list, args: Dict[str, Any], smem_limit: int, autotune: str,
+                   exclude: Optional[set] = None) -> list:
+    """`prune` with the head dims, dtype, bias and mask read from one launch's named arguments and constexprs."""
+    block_dv = int(args["BLOCK_DV"])
+    block_d = int(args.get("BLOCK_D", block_dv))
+    ref = args.get("Q", args.get("DO"))
+    elem_bytes = ref.element_size() if hasattr(ref, "element_size") else 2
+    bias = args.get("Bias")
+    bias_bytes = bias.element_size() if hasattr(bias, "element_size") else 0
+    has_mask = hasattr(args.get("Mask"), "element_size")
+    # row / column ranges (MASK_RANGES, COL_RANGES) keep the mask tier but load no mask tile
+    return prune(kind, configs, block_d, block_dv, elem_bytes, smem_limit, autotune, bias_bytes=bias_bytes, has_mask=has_mask,
+                 exclude=exclude, mask_tile=has_mask and not (args.get("MASK_RANGES") or args.get("COL_RANGES")))
+
+
 def _pruner(kind: str):
     def early_config_prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        block_dv = int(args["BLOCK_DV"])
-        block_d = int(args.get("BLOCK_D", block_dv))
         ref = args.get("Q", args.get("DO"))
-        elem_bytes = ref.element_size() if hasattr(ref, "element_size") else 2
         device = ref.device if hasattr(ref, "device") else None
-        bias = args.get("Bias")
-        bias_bytes = bias.element_size() if hasattr(bias, "element_size") else 0
-        has_mask = hasattr(args.get("Mask"), "element_size")
-        # row / column ranges (MASK_RANGES, COL_RANGES) keep the mask tier but load no mask tile
-        return prune(kind, configs, block_d, block_dv, elem_bytes, shared_memory_limit(device), autotune_mode(),
-                     bias_bytes=bias_bytes, has_mask=has_mask, exclude=banned(variant_key(kind, args)),
-                     mask_tile=has_mask and not (args.get("MASK_RANGES") or args.get("COL_RANGES")))
+        return prune_for_call(kind, configs, args, shared_memory_limit(device), autotune_mode(), exclude=banned(variant_key(kind, args)))
 
     early_config_prune.__name__ = f"prune_{kind}"
     return early_config_prune
