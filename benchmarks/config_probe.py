@@ -39,9 +39,10 @@ def forced(kind: str, spec: str):
     original = getattr(configs, "_probe_original", configs.triton_configs)
     configs._probe_original = original
     configs.triton_configs = lambda k: [config] if k == kind else original(k)
-    for cache in (render._modules, render._kernels, launch._chosen, launch._direct):
+    for cache in (render._modules, render._kernels, launch._chosen):
         cache.clear()
-    triton_attention._cached_variant.cache_clear()
+    launch.forget()
+    triton_attention.reset()
 
 
 def main() -> None:

@@ -1,10 +1,15 @@
 """Where an eager flashfuse.attention call with a mask spends host time (a diagnostic, not a suite).
 
     python benchmarks/host_profile.py [--n 4096] [--pattern sliding] [--param 1024]
+    python benchmarks/host_profile.py --stub [--n 256 --param 64]     # CPU proxy, no GPU needed
 Prints host microseconds per call (calls issued without waiting for the GPU) of the op's pieces
 for one block-sparse cell (B=1, H=16, D=64, bf16), FlexAttention's fwd and fwd+bwd on the same
 mask, an empty autograd.Function with as many inputs (the autograd floor), and a cProfile of the
-op's fwd+bwd. On CPU (no GPU) it runs the interpreter path and times only the Python around it.
+op's fwd+bwd. On CPU (no GPU) it runs the interpreter path, unless --stub: then every Triton
+launch of the attention kernels is replaced by what a remembered direct launch costs in Python
+(launch._direct entries whose `run` does nothing), so the figures are the Python host time of
+the op on the launch path a GPU takes after its first calls. Compare stub figures only with
+stub figures from the same machine.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
+STUB = "--stub" in sys.argv
+if not torch.cuda.is_available() and not STUB:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the launchers' Triton path on the CPU
 
 import block_sparse as suite  # noqa: E402
@@ -56,13 +62,46 @@ def _traces(folder: str, fns, device: str) -> None:
         prof.export_chrome_trace(os.path.join(folder, name.replace(" ", "_").replace("+", "") + ".json"))
 
 
+class _StubEntry:
+    """A direct-launch entry whose launcher does nothing (--stub)."""
+
+    function = metadata = None
+    tail = ()
+
+    def __init__(self, meta):
+        self.meta = meta
+
+    def run(self, *args):
+        return None
+
+
+def _stub_launches() -> None:
+    """--stub: a first launch only remembers a do-nothing direct entry, as a real one would;
+    later launches of the same plan run that entry (flashfuse.kernels.launch.Prepared)."""
+    from flashfuse import ops
+    from flashfuse.kernels import launch
+
+    def remember(kind, kernel, grid, *args, **kwargs):
+        launch._direct[(id(kernel), launch._arg_key(args, kwargs))] = _StubEntry({"BLOCK_M": 64, "BLOCK_N": 64, **kwargs})
+
+    launch.launch = remember
+    launch._direct_enabled = lambda: True
+    launch._stream = lambda: None
+    ops.resolve_kernel = lambda kernel, device: "triton"  # CPU tensors, Triton launchers
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--pattern", default="sliding")
     p.add_argument("--param", type=int, default=1024)
     p.add_argument("--trace", default=None, help="also write torch.profiler chrome traces of 20 fwd+bwd calls (op, flex) to this folder")
+    p.add_argument("--stub", action="store_true", help="CPU only: Triton launches replaced by the direct path's Python (see above)")
     args = p.parse_args()
+    if args.stub:
+        if torch.cuda.is_available():
+            raise SystemExit("--stub is the CPU proxy; on a GPU run without it")
+        _stub_launches()
     import flashfuse
     from flashfuse.kernels import block_sparse, triton_attention
 

@@ -60,8 +60,11 @@ def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype
     q, k, v, dout = (torch.randn(1, heads, n, d, dtype=dtype) for _ in range(4))
     b = torch.randn(1, heads, n, n, dtype=dtype) if bias else None
     seed = torch.tensor([7], dtype=torch.int64) if dropout_p > 0 else None
-    real, real_mask = triton_attention._launch, triton_attention._kernel_mask
-    triton_attention._launch = capture
+    real, real_mask = triton_attention._prepared, triton_attention._kernel_mask
+    # the launchers build their launches through _prepared (one plan per call signature): make
+    # each launch a capture, with no plan kept before or after
+    triton_attention.reset()
+    triton_attention._prepared = lambda k_, kernel, grid, static, kwargs: (lambda *t: capture(k_, kernel, grid, *t, *static, **kwargs))
     if ranges:
         row_ranges, is_ranges = block_sparse.row_ranges(block_sparse.row_stats(mask))
         col_ranges, is_col_ranges = block_sparse.row_ranges(block_sparse.row_stats(mask.transpose(-2, -1)))
@@ -78,7 +81,8 @@ def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype
     except _Captured:
         pass
     finally:
-        triton_attention._launch, triton_attention._kernel_mask = real, real_mask
+        triton_attention._prepared, triton_attention._kernel_mask = real, real_mask
+        triton_attention.reset()
     return seen[kind]
 
 

@@ -53,7 +53,7 @@ def main() -> None:
             except common.Unsupported as e:
                 print(f"  {impl:17s} unsupported: {str(e)[:80]}")
                 continue
-            launch._direct.clear()
+            launch.forget()
             before = dict(launch.stats)
 
             def fwd(fn=fn):

@@ -19,13 +19,13 @@ of `flashfuse.attention`.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
+from flashfuse import envvars
 from flashfuse.kernels import block_sparse, reference
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,13 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
         raise ValueError(f"flashfuse: unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
     if kernel != "auto":
         return kernel
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda" or envvars.get("TRITON_INTERPRET") == "1":
         return "triton"
     return "reference"
 
 
 def is_strict(strict: bool = False) -> bool:
-    return bool(strict) or os.environ.get(STRICT_ENV, "") not in ("", "0")
+    return bool(strict) or envvars.get(STRICT_ENV, "") not in ("", "0")
 
 
 def _run(kernel: str, device: torch.device, strict: bool, fn: str, *args):
@@ -71,6 +71,7 @@ def _run(kernel: str, device: torch.device, strict: bool, fn: str, *args):
 
 def _check(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], gqa_group: int) -> None:
     # Clear errors for direct callers; the compiler pass never builds a call that fails these.
+    # torch._check, so symbolic shapes (the fake kernel) get no guards from them.
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "flashfuse.attention: q, k, v must be 4-D [B, H, L, D]")
     torch._check(q.shape[1] == k.shape[1] * gqa_group, lambda: f"flashfuse.attention: q heads {q.shape[1]} != kv heads {k.shape[1]} x group {gqa_group}")
     torch._check(k.shape[2] == v.shape[2], lambda: "flashfuse.attention: k and v lengths differ")
@@ -80,6 +81,17 @@ def _check(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Option
             torch._check(t.shape[-1] == k.shape[2], lambda: f"flashfuse.attention: {name} must span all keys (last dim N)")
     if mask is not None:
         torch._check(mask.dtype == torch.bool, lambda: "flashfuse.attention: mask must be bool (True = keep)")
+
+
+def _check_real(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], gqa_group: int) -> None:
+    """_check for real tensors (plain ints): the same conditions tested in one expression; on a
+    failure `_check` raises the message. NB: ~7 us of torch._check per call on the H100 host."""
+    n = k.shape[2] if k.dim() == 4 else None
+    if (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.shape[1] == k.shape[1] * gqa_group and n == v.shape[2]
+            and (bias is None or (bias.dim() == 4 and bias.shape[-1] == n))
+            and (mask is None or (mask.dim() == 4 and mask.shape[-1] == n and mask.dtype == torch.bool))):
+        return
+    _check(q, k, v, bias, mask, gqa_group)
 
 
 # The ops are defined with the low-level Library API rather than torch.library.custom_op: a
@@ -135,20 +147,42 @@ def attention(
     (flashfuse.kernels.block_sparse: EMPTY blocks are not computed, their scores are -inf;
     see flashfuse.block_sparse_attention).
     """
-    _check(q, k, v, bias, mask, gqa_group)
+    _check_real(q, k, v, bias, mask, gqa_group)
     out, m, log_l = _run(
         kernel, q.device, strict, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value,
         block_layout,
     )
-    return _as_layout(out, _out_like(q, v)), m.contiguous(), log_l.contiguous()
+    return _as_layout(out, q, (q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), _out_strides(q, v)), m.contiguous(), log_l.contiguous()
 
 
-def _as_layout(t: Tensor, like: Tensor) -> Tensor:
-    # Real outputs must have the strides the fake kernel promised, or views that AOTAutograd
-    # traced against the fake strides fail at run time.
-    if t.stride() == like.stride() and t.dtype == like.dtype:
+def _as_layout(t: Tensor, like: Tensor, shape, strides) -> Tensor:
+    # Real outputs must have the strides (and dtype) the fake kernel promised, or views that
+    # AOTAutograd traced against the fake strides fail at run time. Compared without allocating:
+    # this runs on every call of a compiled graph.
+    if t.stride() == strides and t.dtype == like.dtype:
         return t
-    return like.copy_(t)
+    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device).copy_(t)
+
+
+def _out_strides(q: Tensor, v: Tensor) -> tuple:
+    # [B, M, H, Dv] memory read as [B, H, M, Dv]: the layout of _out_like (torch's contiguous
+    # strides count a size-0 dim as 1)
+    _, h, m, _ = q.shape
+    h, m, dv = max(h, 1), max(m, 1), max(v.shape[-1], 1)
+    return (m * h * dv, dv, h * dv, 1)
+
+
+def _dense_strides(t: Tensor) -> tuple:
+    # the strides torch.empty_like(t) gives: t's own when t is non-overlapping and dense (size-1
+    # dims aside, its strides are the running products of the sizes in stride order), else
+    # those of a fresh empty_like
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return torch.empty_like(t).stride()
+        expect *= sz
+    return t.stride()
 
 
 def _out_like(q: Tensor, v: Tensor) -> Tensor:
@@ -193,8 +227,10 @@ def attention_backward(
         kernel, q.device, strict, "attention_backward",
         dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, block_layout,
     )
-    dbias = q.new_empty((0,)) if dbias is None else _as_layout(dbias, torch.empty_like(bias))
-    return _as_layout(dq, torch.empty_like(q)), _as_layout(dk, torch.empty_like(k)), _as_layout(dv, torch.empty_like(v)), dbias
+    dbias = q.new_empty((0,)) if dbias is None else _as_layout(dbias, bias, bias.shape, _dense_strides(bias))
+    return (_as_layout(dq, q, q.shape, _dense_strides(q)), _as_layout(dk, k, k.shape, _dense_strides(k)),
+            _as_layout(dv, v, v.shape, _dense_strides(v)),
+            dbias)
 
 
 _lib.impl("attention_backward", attention_backward, "CompositeExplicitAutograd")
@@ -256,14 +292,20 @@ class _EagerAttention(torch.autograd.Function):
     graphs the op is still what runs (flashfuse.attention routes there while Dynamo traces).
     """
 
+    # One tuple carries the arguments that need no gradient: Function.apply costs host time per
+    # argument. NB: an empty Function's fwd+bwd took 27.0 us with these 13 arguments and 22.5 us
+    # with 5 on this project's CPU machine (2026-11-22). The tensors in it are still saved with
+    # save_for_backward, so an in-place change of the mask before the backward is an error.
+
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, kernel, block_layout):
-        _check(q, k, v, bias, mask, gqa_group)
+    def forward(ctx, q, k, v, bias, rest):
+        mask, seed, block_layout, scale, causal, dropout_p, gqa_group, mask_value, kernel = rest
+        _check_real(q, k, v, bias, mask, gqa_group)
         with block_sparse.eager_call():
             out, m, log_l = _run(kernel, q.device, False, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed,
                                  gqa_group, mask_value, block_layout)
         ctx.save_for_backward(q, k, v, bias, mask, seed, out, m, log_l, block_layout)
-        ctx.args = (scale, causal, dropout_p, gqa_group, mask_value, kernel)
+        ctx.args = rest[3:]
         return out
 
     @staticmethod
@@ -275,7 +317,7 @@ class _EagerAttention(torch.autograd.Function):
         with block_sparse.eager_call():
             dq, dk, dv, dbias = _run(kernel, q.device, False, "attention_backward", dout, q, k, v, bias, mask, out, m, log_l, scale,
                                      causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, block_layout)
-        return (dq, dk, dv, dbias if needs_dbias else None) + (None,) * 9
+        return dq, dk, dv, (dbias if needs_dbias else None), None
 
 
 def call_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], scale: float, causal: bool,
@@ -286,4 +328,4 @@ def call_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
         extra = {"block_layout": block_layout} if block_layout is not None else {}
         return torch.ops.flashfuse.attention(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, True, kernel,
                                              **extra)[0]
-    return _EagerAttention.apply(q, k, v, bias, mask, scale, causal, dropout_p, seed, gqa_group, mask_value, kernel, block_layout)
+    return _EagerAttention.apply(q, k, v, bias, (mask, seed, block_layout, scale, causal, dropout_p, gqa_group, mask_value, kernel))

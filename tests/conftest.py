@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
     # Without a GPU, Triton kernels run under the interpreter (numpy on the CPU).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every call of a prepared launch (the launchers' per-signature plans) checks that its arguments
+# have the launch key of the plan's first call: each test is also a test of the plan keys.
+from flashfuse.kernels import launch as _launch  # noqa: E402
+
+_launch.audit = True
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -10,6 +10,7 @@ import torch
 
 from flashfuse import mask_patterns as mp
 from flashfuse.kernels import block_sparse as bs
+from flashfuse.kernels import launch
 
 try:
     import oracle  # tests/ is on sys.path under pytest's default import mode
@@ -469,11 +470,11 @@ def test_eager_calls_compute_interval_masks_from_row_ranges(monkeypatch, name):
     # columns' query intervals (COL_RANGES) when every column is one: all match the oracle, as
     # do the masks that are not intervals (loaded as before).
     import flashfuse
-    from flashfuse.kernels import philox, triton_attention
+    from flashfuse.kernels import philox
 
     monkeypatch.setenv("FLASHFUSE_STRICT", "1")  # a failing kernel must fail here, not fall back
     monkeypatch.delenv(bs.CACHE_ENV, raising=False)
-    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: (kind, kw.get("MASK_RANGES", kw.get("COL_RANGES"))))
+    launched = _spy(monkeypatch, launch, "launch", lambda kind, *a, **kw: (kind, kw.get("MASK_RANGES", kw.get("COL_RANGES"))))
     bs.kernel_list_cache.clear()
     mask, kw, (rows, cols) = RANGE_CASES[name]()
     b, group, p = mask.shape[0], kw.get("gqa_group", 1), kw.get("dropout_p", 0.0)
@@ -504,11 +505,10 @@ def test_eager_calls_compute_interval_masks_from_row_ranges(monkeypatch, name):
 def test_row_ranges_can_be_switched_off(monkeypatch):
     # FLASHFUSE_MASK_RANGES=0: the same interval mask is loaded (and the cached lists follow the switch)
     import flashfuse
-    from flashfuse.kernels import triton_attention
 
     monkeypatch.setenv("FLASHFUSE_STRICT", "1")
     monkeypatch.delenv(bs.CACHE_ENV, raising=False)
-    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: (kind, kw.get("MASK_RANGES"), kw.get("HAS_MASK")))
+    launched = _spy(monkeypatch, launch, "launch", lambda kind, *a, **kw: (kind, kw.get("MASK_RANGES"), kw.get("HAS_MASK")))
     bs.kernel_list_cache.clear()
     keep = mp.sliding_window(300, 300, window=70)[None, None]
     gen = torch.Generator().manual_seed(12)
@@ -567,9 +567,8 @@ def test_eager_calls_drop_a_mask_the_lists_describe(monkeypatch, causal):
     # lists) run the kernels without it (HAS_MASK=False), forward and backward, with the same
     # result. Partial blocks, or no cache (compiled graphs; FLASHFUSE_MASK_CACHE=0), keep it.
     import flashfuse
-    from flashfuse.kernels import triton_attention
 
-    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: (kind, kw.get("HAS_MASK")))
+    launched = _spy(monkeypatch, launch, "launch", lambda kind, *a, **kw: (kind, kw.get("HAS_MASK")))
     bs.kernel_list_cache.clear()
     gen = torch.Generator().manual_seed(5)
     aligned = mp.document([128, 128, 44])[None, None]  # every 128 x 128 block is all kept or all masked
@@ -689,9 +688,8 @@ def test_inference_mode_masks_and_layouts_use_the_kernels_uncached(monkeypatch):
     # Inference tensors have no version counter: no cache key, so no caching, but the Triton
     # kernels still run (they used to fall back to the reference kernel on the key's error).
     import flashfuse
-    from flashfuse.kernels import triton_attention
 
-    launched = _spy(monkeypatch, triton_attention, "_launch", lambda kind, *a, **kw: kind)
+    launched = _spy(monkeypatch, launch, "launch", lambda kind, *a, **kw: kind)
     monkeypatch.delenv(bs.CACHE_ENV, raising=False)
     gen = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))

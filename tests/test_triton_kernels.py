@@ -25,7 +25,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from flashfuse.kernels import configs, philox, render, triton_attention  # noqa: E402
+from flashfuse.kernels import configs, launch, philox, render, triton_attention  # noqa: E402
 
 try:
     import oracle  # tests/ is on sys.path under pytest's default import mode
@@ -386,7 +386,6 @@ def test_precompile_warms_every_pruned_config_in_threads(monkeypatch):
 
     from triton.runtime.autotuner import Autotuner
 
-    from flashfuse.kernels import launch
 
     seen = []
 
@@ -460,7 +459,7 @@ def test_out_of_resources_falls_through_to_next_config(monkeypatch):
     q = torch.zeros(1, dtype=torch.bfloat16)  # a 16-bit Q: both configs fit the dtype bounds
     for _ in range(2):
         out = torch.zeros(100, dtype=torch.int32)
-        triton_attention._launch("fwd", fill, lambda meta: (triton.cdiv(100, meta["BLOCK_N"]),), q, out, 100, BLOCK_DV=16)
+        launch.launch("fwd", fill, lambda meta: (triton.cdiv(100, meta["BLOCK_N"]),), q, out, 100, BLOCK_DV=16)
         assert (out == 32).all()
     assert calls == ["big"]
     configs._BANNED.clear()
@@ -514,8 +513,6 @@ def test_direct_launch_enabled_without_launch_hooks(monkeypatch):
     # callable or None on older ones: the direct path must be on with no hook and off with one.
     from triton import knobs
 
-    from flashfuse.kernels import launch
-
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not launch._hooks_installed()
     assert launch._direct_enabled()
@@ -538,7 +535,6 @@ def test_direct_entry_orders_arguments_for_kernels_with_and_without_heuristics(m
     # The direct entry replays a launch: positional args, then every remaining parameter of the
     # jit function in order (launch kwargs, the config's meta-parameters, heuristics values).
     # On a GPU those go to CompiledKernel.run; here a stand-in compiled kernel records them.
-    from flashfuse.kernels import launch
 
     config = triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1)
 
@@ -586,3 +582,91 @@ def test_direct_entry_orders_arguments_for_kernels_with_and_without_heuristics(m
             assert compiled.calls[1][:3] == (4, 3, 1)
         finally:
             launch._direct.pop(dkey, None)
+
+
+def test_prepared_launch_runs_the_remembered_entry_until_forgotten(monkeypatch):
+    # launch.Prepared: the first call goes through launch() and keeps the direct entry it left;
+    # later calls run that entry with their own tensors (no argument key); launch.forget() or a
+    # launch hook sends the next call through launch() again.
+    config = triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1)
+
+    @triton.autotune(configs=[config], key=["N"])
+    @triton.jit
+    def plain(X, N, FLAG: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    class Compiled:
+        function = object()
+        metadata = object()
+
+        def __init__(self):
+            self.calls = []
+
+        def run(self, *a):
+            self.calls.append(a)
+
+    compiled, slow = Compiled(), []
+
+    def checked_launch(kind, kernel, grid, *args, **kwargs):
+        slow.append(args)
+        launch._direct[(id(kernel), launch._arg_key(args, kwargs))] = launch._direct_entry(kernel, compiled, config, grid, args, kwargs)
+
+    monkeypatch.setattr(launch, "_direct_enabled", lambda: True)
+    monkeypatch.setattr(launch, "_stream", lambda: "stream")
+    monkeypatch.setattr(launch, "launch", checked_launch)
+    buf = torch.randn(64)
+    x, y = buf[:16], buf[16:32]  # both 16-byte aligned: the same launch key
+    prepared = launch.Prepared("fwd", plain, lambda meta: (-(-100 // meta["BLOCK"]), 2), (100,), {"FLAG": True})
+    try:
+        prepared(x)
+        assert len(slow) == 1 and slow[0][0] is x and compiled.calls == []
+        prepared(y)
+        assert len(slow) == 1 and len(compiled.calls) == 1
+        call = compiled.calls[0]
+        assert call[:4] == (4, 2, 1, "stream") and call[4:6] == (Compiled.function, Compiled.metadata)
+        assert call[9] is y and call[10:] == (100, True, 32)
+        launch.forget()
+        prepared(x)
+        assert len(slow) == 2 and len(compiled.calls) == 1
+        prepared(y)
+        assert len(compiled.calls) == 2
+        monkeypatch.setattr(launch, "_hooks_installed", lambda: True)  # a profiler installed a launch hook
+        prepared(x)
+        assert len(slow) == 3 and len(compiled.calls) == 2
+        # tests run with launch.audit on: a call whose launch key differs from the first call's
+        # (a misaligned pointer here) is an error, not a launch of the wrong binary
+        with pytest.raises(AssertionError, match="another launch key"):
+            prepared(buf[1:17])
+    finally:
+        launch.forget(plain)
+
+
+def test_plans_follow_the_call_signature():
+    # triton_attention's plans: one per (forward | backward) call signature, reused by equal
+    # signatures and never by different ones (every prepared launch checks its key: launch.audit).
+    triton_attention.reset()
+    run_case(torch.float32, b=1, m=40, n=40, mask_shape=(1, 1, 40, 40))
+    assert len(triton_attention._plans) == 2  # the forward's and the backward's
+    run_case(torch.float32, b=1, m=40, n=40, mask_shape=(1, 1, 40, 40))
+    assert len(triton_attention._plans) == 2
+    cases = [dict(b=2), dict(b=1, layout="bnhd"), dict(b=1, layout="sliced"), dict(b=1, causal=True), dict(b=1, dropout_p=0.2),
+             dict(b=1, mask_value=F32_MIN), dict(b=1, bias_shape=(1, 2, 1, 40)), dict(b=1, dtype=torch.bfloat16)]
+    for i, extra in enumerate(cases):
+        args = {**dict(dtype=torch.float32, m=40, n=40, mask_shape=(1, 1, 40, 40)), **extra}
+        run_case(**args)
+        assert len(triton_attention._plans) == 4 + 2 * i, extra
+        run_case(**args)
+        assert len(triton_attention._plans) == 4 + 2 * i, extra
+
+
+def test_envvars_read_what_os_environ_holds(monkeypatch):
+    # flashfuse.envvars.get reads os.environ's own dict: every change made through os.environ
+    # (monkeypatch included) must show, and a missing name gives the default
+    from flashfuse import envvars
+
+    monkeypatch.setenv("FLASHFUSE_TEST_ENV", "a=b ü")
+    assert envvars.get("FLASHFUSE_TEST_ENV") == "a=b ü" == os.environ.get("FLASHFUSE_TEST_ENV")
+    monkeypatch.setenv("FLASHFUSE_TEST_ENV", "0")
+    assert envvars.get("FLASHFUSE_TEST_ENV", "1") == "0"
+    monkeypatch.delenv("FLASHFUSE_TEST_ENV")
+    assert envvars.get("FLASHFUSE_TEST_ENV") is None and envvars.get("FLASHFUSE_TEST_ENV", "1") == "1"

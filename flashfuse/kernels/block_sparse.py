@@ -24,9 +24,7 @@ left to the kernels' bounds-checked tail), cached like the summaries.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -35,6 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from flashfuse import envvars
 from flashfuse.kernels.configs import interpreting
 
 EMPTY, FULL, PARTIAL = 0, 1, 2
@@ -216,15 +215,23 @@ RANGES_ENV = "FLASHFUSE_MASK_RANGES"
 _eager = threading.local()
 
 
-@contextlib.contextmanager
-def eager_call():
-    """Marks a call from `flashfuse.attention` / `block_sparse_attention` run eagerly (ops._EagerAttention)."""
-    before = getattr(_eager, "on", False)
-    _eager.on = True
-    try:
-        yield
-    finally:
-        _eager.on = before
+class _EagerCall:
+    """`with eager_call():` marks a call from `flashfuse.attention` / `block_sparse_attention` run
+    eagerly (ops._EagerAttention). A class, not a generator context manager: it runs twice per
+    eager fwd+bwd."""
+
+    __slots__ = ("before",)
+
+    def __enter__(self):
+        self.before = getattr(_eager, "on", False)
+        _eager.on = True
+
+    def __exit__(self, *exc):
+        _eager.on = self.before
+
+
+def eager_call() -> _EagerCall:
+    return _EagerCall()
 
 
 def caching() -> bool:
@@ -243,7 +250,7 @@ def caching() -> bool:
     """
     if _capturing():
         return False
-    env = os.environ.get(CACHE_ENV, "")
+    env = envvars.get(CACHE_ENV, "")
     if env in ("0", "1"):
         return env == "1"
     return getattr(_eager, "on", False)
@@ -251,8 +258,9 @@ def caching() -> bool:
 
 def _capturing() -> bool:
     # Inside a CUDA graph capture the summary must be computed by captured kernels, so a replay
-    # sees the inputs of that replay: no cached results go in or come out.
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # sees the inputs of that replay: no cached results go in or come out. (No capture can run
+    # before CUDA is initialized, and is_initialized is the cheaper test.)
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 cache = _Cache()
@@ -371,8 +379,10 @@ class InputCache:
         self.size = size
         self.entries: OrderedDict = OrderedDict()
 
-    def get(self, tensors, extra, build):
-        if not cacheable(*tensors):
+    def get(self, tensors, extra, build, checked: bool = False):
+        """The cached value for these tensors and `extra`, else build(); checked: the caller
+        already found the tensors `cacheable`."""
+        if not (checked or cacheable(*tensors)):
             return build()
         key = tuple(None if t is None else _Cache._key(t, 0, 0) for t in tensors) + tuple(extra)
         hit = self.entries.get(key)
@@ -431,8 +441,9 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
 
     if not cacheable(bias, mask, layout):  # an uncached call: no sync for no_partial
         return build()
-    ranges_on = os.environ.get(RANGES_ENV, "1") != "0"
-    return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill), ranges_on), build_cached)
+    ranges_on = envvars.get(RANGES_ENV, "1") != "0"
+    return kernel_list_cache.get((bias, mask, layout), (block, m, n, bool(causal), bool(finite_fill), ranges_on), build_cached,
+                                 checked=True)
 
 
 def _on_triton(*tensors: Optional[Tensor]) -> bool:

@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from flashfuse import envvars
+
 try:  # configs are plain data; triton is only needed to turn them into triton.Config
     import triton
 except ImportError:  # pragma: no cover - the launcher never gets here without triton
@@ -130,7 +132,7 @@ DEFAULT_SHARED_MEMORY = 227 * 1024
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return envvars.get("TRITON_INTERPRET") == "1"
 
 
 AUTOTUNE_MODES = {"0": "first", "1": "default", "all": "all"}

@@ -45,6 +45,7 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.errors import OutOfResources
 
+from flashfuse import envvars
 from flashfuse.kernels import configs
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ _key_index: Dict[int, tuple] = {}
 _direct: Dict[tuple, "_Direct"] = {}
 _MAX_DIRECT = 4096
 _autotune_lock = threading.RLock()
+# Bumped whenever remembered direct entries are dropped (`forget`): a `Prepared` launch holding
+# one then takes the checked path again.
+_generation = [0]
 
 
 class _Direct:
@@ -120,9 +124,27 @@ def _tune_key(kernel, args, kwargs) -> tuple:
     return (id(kernel), key, tuple(str(a.dtype) for a in args if isinstance(a, Tensor)))
 
 
+_stream_fns: list = []
+# Tests turn this on (tests/conftest.py): every call of a `Prepared` launch then checks that its
+# arguments have the launch key of its first call, the guarantee its callers give.
+audit = False
+
+
 def _stream():
     """The current stream of the current device, as Triton's own launches get it."""
-    return driver.active.get_current_stream(driver.active.get_current_device())
+    if not _stream_fns:  # driver.active is a lazy proxy: resolve its two bound methods once
+        _stream_fns[:] = [driver.active.get_current_stream, driver.active.get_current_device]
+    return _stream_fns[0](_stream_fns[1]())
+
+
+def forget(kernel=None) -> None:
+    """Drop the remembered direct launches (all, or those of one kernel); `Prepared` launches re-check."""
+    if kernel is None:
+        _direct.clear()
+    else:
+        for key_ in [key_ for key_ in _direct if key_[0] == id(kernel)]:
+            del _direct[key_]
+    _generation[0] += 1
 
 
 def _hook_set(hook) -> bool:
@@ -146,7 +168,7 @@ def _hooks_installed() -> bool:
 
 
 def _direct_enabled() -> bool:
-    return not configs.interpreting() and os.environ.get("FLASHFUSE_DIRECT_LAUNCH", "1") != "0" and not _hooks_installed()
+    return not configs.interpreting() and envvars.get("FLASHFUSE_DIRECT_LAUNCH", "1") != "0" and not _hooks_installed()
 
 
 def _jit_of(kernel):
@@ -185,7 +207,7 @@ def _remember(dkey, kernel, compiled, config, grid, args: tuple, kwargs: dict) -
     if entry is None:
         return
     if len(_direct) >= _MAX_DIRECT:  # e.g. many distinct shapes: start over rather than grow
-        _direct.clear()
+        forget()
     _direct[dkey] = entry
 
 
@@ -244,8 +266,7 @@ def _autotune(kind: str, kernel, grid, key, args: tuple, kwargs: dict):
                 del cache[key_]
             for key_ in [key_ for key_, cfg in _chosen.items() if cfg is failed]:
                 del _chosen[key_]
-            for key_ in [key_ for key_ in _direct if key_[0] == id(kernel)]:
-                del _direct[key_]
+            forget(kernel)
 
 
 def _compile_threads() -> int:
@@ -302,3 +323,49 @@ def precompile(kind: str, kernel, grid, args: tuple, kwargs: dict) -> int:
         list(pool.map(compile_one, candidates))
     stats["precompiled"] += len(candidates)
     return len(candidates)
+
+
+class Prepared:
+    """One kernel launch whose non-tensor arguments are fixed: `prepared(*tensors)` launches `kernel[grid](*tensors, *static, **kwargs)`.
+
+    The attention launchers build these once per call signature (`triton_attention`'s plans),
+    so a repeated call skips rebuilding ~50 arguments and `launch`'s argument key. The first
+    call goes through `launch` and keeps the direct entry it left; later calls run it at once.
+    The caller guarantees that every later call's tensors match the first call's in dtype,
+    device and 16-byte alignment (the plan key holds them, or the tensors are fresh
+    allocations), so the entry is the one `launch` would find. Still checked on every call:
+    launch hooks (a profiler may install them at any time) and `forget` (bans, cache resets).
+    """
+
+    __slots__ = ("kind", "kernel", "grid", "static", "kwargs", "entry", "generation", "grid3", "first_key")
+
+    def __init__(self, kind: str, kernel, grid, static: tuple, kwargs: dict):
+        self.kind, self.kernel, self.grid, self.static, self.kwargs = kind, kernel, grid, tuple(static), kwargs
+        self.entry, self.generation, self.grid3, self.first_key = None, -1, None, None
+
+    def __call__(self, *tensors):
+        if audit:
+            self._audit(tensors)
+        entry = self.entry
+        if entry is not None and self.generation == _generation[0] and not _hooks_installed():
+            stats["direct"] += 1
+            g = self.grid3
+            return entry.run(g[0], g[1], g[2], _stream(), entry.function, entry.metadata, None, None, None, *tensors, *self.static,
+                             *entry.tail)
+        args = tensors + self.static
+        ret = launch(self.kind, self.kernel, self.grid, *args, **self.kwargs)
+        if isinstance(self.kernel, Autotuner) and _direct_enabled():
+            generation = _generation[0]
+            found = _direct.get((id(self.kernel), _arg_key(args, self.kwargs)))
+            if found is not None:
+                self.entry, self.generation, self.grid3 = found, generation, _grid3(self.grid, found.meta)
+        return ret
+
+    def _audit(self, tensors: tuple) -> None:
+        key = _arg_key(tensors + self.static, self.kwargs)
+        if self.first_key is None:
+            self.first_key = key
+        elif key != self.first_key:
+            diff = [i for i, (a, b) in enumerate(zip(key[0], self.first_key[0])) if a != b]
+            raise AssertionError(f"flashfuse: a prepared {self.kind} launch was called with arguments of another launch key "
+                                 f"(positions {diff}): its plan's key misses something its arguments depend on")

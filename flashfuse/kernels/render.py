@@ -30,6 +30,8 @@ from typing import Dict, Optional
 
 import torch
 
+from flashfuse import envvars
+
 TEMPLATE_DIR = pathlib.Path(__file__).resolve().parent.parent / "templates"
 # kind -> (template file, kernel function name in the rendered module)
 KINDS: Dict[str, tuple] = {
@@ -200,7 +202,7 @@ _kernels: Dict[tuple, object] = {}
 
 def kernel(kind: str, options: dict):
     """The (autotuned) Triton kernel of `kind` for `options`; memoized (the launchers call it per op)."""
-    key = (kind, os.environ.get("FLASHFUSE_CACHE_DIR"), tuple(sorted(options.items())))
+    key = (kind, envvars.get("FLASHFUSE_CACHE_DIR"), tuple(sorted(options.items())))
     fn = _kernels.get(key)
     if fn is None:
         fn = _kernels[key] = getattr(load_module(kind, options), KINDS[kind][1])

@@ -23,7 +23,8 @@ the kernels get the rows' (lo, hi) and compute the keep-mask instead of loading 
 Resources: the autotuner's configs are pruned by a shared-memory estimate
 (`configs.prune`); a launch that still fails with OutOfResources drops that config for the
 kernel variant and runs the next one. Launches go through `flashfuse.kernels.launch`, which
-calls the compiled kernel directly once a launch with the same arguments has been seen.
+calls the compiled kernel directly once a launch with the same arguments has been seen; each
+call signature's launches are kept as a plan (below), so a repeated call only passes tensors.
 """
 
 from __future__ import annotations
@@ -31,15 +32,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-import triton
+from flashfuse import envvars
 from flashfuse.kernels import block_sparse, configs, philox, render
-from flashfuse.kernels.launch import launch as _launch
+from flashfuse.kernels.launch import Prepared
 
 LOG2E = 1.4426950408889634
 # Granularity of the block-sparse summaries and lists: every config's BLOCK_M and BLOCK_N divide it.
@@ -66,6 +66,15 @@ def _device_guard(t: Tensor):
     return contextlib.nullcontext()
 
 
+# torch.backends.cuda.matmul.allow_tf32 goes through a settings object (~0.5 us); its getter is
+# the same flag (older torch without it: the public attribute)
+_get_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
+
+
+def _allow_tf32() -> bool:
+    return _get_tf32() if _get_tf32 is not None else torch.backends.cuda.matmul.allow_tf32
+
+
 @functools.lru_cache(maxsize=64)
 def _fp32(x: float) -> float:
     # the value the kernels see: the reference also rounds the fill value to fp32 scores
@@ -88,13 +97,18 @@ def _scalars(scale: float, bias, mask, mask_value: float, dropout_p: float):
     return mask_value, log2_domain, float(qk_scale), dropout, float(dropout_scale)
 
 
-def _sparse(bias, mask, block_layout, mask_value: float, causal: bool, m_len: int, n_len: int):
-    """(lists or None, HAS_SPARSE constexpr kwargs): block_sparse.KernelLists for this call."""
-    lists = block_sparse.kernel_lists(
+def _lists(bias, mask, block_layout, mask_value: float, causal: bool, m_len: int, n_len: int):
+    """block_sparse.KernelLists for this call, or None (no bias, mask or layout)."""
+    if bias is None and mask is None and block_layout is None:
+        return None
+    return block_sparse.kernel_lists(
         bias, mask, block_layout, SPARSE_BLOCK, m_len, n_len, bool(causal),
-        finite_fill=mask is not None and math.isfinite(mask_value),
+        finite_fill=mask is not None and math.isfinite(_fp32(mask_value)),
     )
-    return lists, dict(HAS_SPARSE=lists is not None, SPARSE_BLOCK=SPARSE_BLOCK)
+
+
+def _sparse_options(lists) -> dict:
+    return dict(HAS_SPARSE=lists is not None, SPARSE_BLOCK=SPARSE_BLOCK)
 
 
 def _kernel_mask(mask, lists, kv_walk: bool = False):
@@ -168,8 +182,61 @@ def _cached_variant(dtype, head_dim, has_bias, has_mask, causal, dropout, needs_
 def _variant(q, k, v, bias, mask, causal, dropout, needs_dbias) -> _Variant:
     """This call's kernel variant, memoized: the launchers run this on every op call."""
     return _cached_variant(q.dtype, k.shape[-1], bias is not None, mask is not None, bool(causal), bool(dropout),
-                           bool(needs_dbias), v.shape[-1], torch.backends.cuda.matmul.allow_tf32, configs.interpreting(),
-                           os.environ.get("FLASHFUSE_CACHE_DIR"))
+                           bool(needs_dbias), v.shape[-1], _allow_tf32(), configs.interpreting(), envvars.get("FLASHFUSE_CACHE_DIR"))
+
+
+# -- per-call-signature plans ---------------------------------------------------------------------
+#
+# Everything a launch needs besides its tensors (strides, sizes, scalars, the kernel variant, the
+# constexpr options, the grid) is a function of the inputs' shapes, strides, dtypes, devices and
+# 16-byte alignments, the call's scalars, the lists' status and a few switches. A plan computes
+# it once per such signature and keeps it as `launch.Prepared` launches; a repeated call looks
+# the plan up and passes its tensors. Tensors outside the key are fresh allocations of this call
+# (out, statistics, gradients, delta) or come from the lists cache, whose shapes the key holds.
+# NB: an eager fwd+bwd with a mask took 179 us of Python host time before plans and 76-88 us
+# after (benchmarks/host_profile.py --stub, CPU proxy; docs/architecture.md has the breakdown).
+
+_plans: dict = {}
+_MAX_PLANS = 512
+
+
+def _tkey(t: Optional[Tensor]):
+    """A tensor's part of a plan key: everything its launches specialize on except its data."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() & 15 == 0)
+
+
+def _lists_key(lists) -> Optional[tuple]:
+    if lists is None:
+        return None
+    r, c = lists.ranges, lists.col_ranges
+    return (lists.kv.shape, lists.q.shape, lists.no_partial, None if r is None else r.shape, None if c is None else c.shape)
+
+
+def _env_key() -> tuple:
+    # the switches the variant, the rendered kernels and the launch path read
+    get = envvars.get
+    return (get("TRITON_INTERPRET"), get("FLASHFUSE_CACHE_DIR"), get("FLASHFUSE_DIRECT_LAUNCH"), _allow_tf32())
+
+
+def _plan(key: tuple, build):
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _MAX_PLANS:  # many distinct signatures: start over rather than grow
+            _plans.clear()
+        plan = _plans[key] = build()
+    return plan
+
+
+def _prepared(kind: str, kernel, grid, static: tuple, kwargs: dict):
+    return Prepared(kind, kernel, grid, static, kwargs)
+
+
+def reset() -> None:
+    """Forget plans and rendered variants (benchmarks that swap the configs call this)."""
+    _plans.clear()
+    _cached_variant.cache_clear()
 
 
 def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value, block_layout=None):
@@ -192,30 +259,38 @@ def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group
         log_l.fill_(float("-inf") if n_len == 0 else 0.0)
         return out, m_stat, log_l
 
-    lists, sparse = _sparse(bias, mask, block_layout, _fp32(mask_value), causal, m_len, n_len)
-    mask, ranges = _kernel_mask(mask, lists)
+    lists = _lists(bias, mask, block_layout, mask_value, causal, m_len, n_len)
+    kmask, ranges = _kernel_mask(mask, lists)
+    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
+    key = ("fwd", _env_key(), _tkey(q), _tkey(k), _tkey(v), _tkey(bias), _tkey(kmask), ranges, _lists_key(lists),
+           _tkey(seed_t), scale, causal, dropout_p, group, mask_value)
+    plan = _plan(key, lambda: _forward_plan(q, k, v, bias, kmask, ranges, lists, out, scale, causal, dropout_p, group, mask_value))
+    with _device_guard(q):
+        plan(q, k, v, bias, kmask, seed_t, out, m_stat, log_l, None if lists is None else lists.kv)
+    return out, m_stat, log_l
+
+
+def _forward_plan(q, k, v, bias, mask, ranges, lists, out, scale, causal, dropout_p, group, mask_value):
+    """The forward's launch for this call's signature; `mask` is the kernels' mask argument (`_kernel_mask`)."""
+    b, hq, m_len, d = q.shape
+    n_len, dv = k.shape[2], v.shape[3]
     mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
     variant = _variant(q, k, v, bias, mask, causal, dropout, False)
-    options, kernel = variant.options, variant.kernel("fwd")
-    seed_t = _seed_tensor(seed, q.device) if dropout else None
-    kv_lists, *kv_list_args = _list_args(None if lists is None else lists.kv)
-
-    def grid(meta):
-        return (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq)
-
-    with _device_guard(q):
-        _launch(
-            "fwd", kernel, grid,
-            q, k, v, bias, mask, seed_t, out, m_stat, log_l, kv_lists,
-            *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask), *out.stride(),
-            *kv_list_args[:3],
-            hq, group, m_len, n_len, kv_list_args[3], _bucket(m_len), _bucket(n_len),
-            qk_scale, mask_value, philox.threshold(dropout_p) if dropout else 0, dropout_scale,
-            HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
-            IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
-            LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse, MASK_RANGES=ranges,
-        )
-    return out, m_stat, log_l
+    options = variant.options
+    sparse = _sparse_options(lists)
+    _, *kv_list_args = _list_args(None if lists is None else lists.kv)
+    static = (
+        *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask), *out.stride(),
+        *kv_list_args[:3],
+        hq, group, m_len, n_len, kv_list_args[3], _bucket(m_len), _bucket(n_len),
+        qk_scale, mask_value, philox.threshold(dropout_p) if dropout else 0, dropout_scale,
+    )
+    kwargs = dict(
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
+        IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
+        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse, MASK_RANGES=ranges,
+    )
+    return _prepared("fwd", variant.kernel("fwd"), lambda meta: (-(-m_len // meta["BLOCK_M"]), b * hq), static, kwargs)
 
 
 def _dbias_buffer(bias: Tensor, full_shape, skips: bool):
@@ -235,7 +310,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
                        block_layout=None):
     """-> (dq, dk, dv, dbias or None) with the shapes and dtypes of q, k, v, bias."""
     b, hq, m_len, d = q.shape
-    hkv, n_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    n_len = k.shape[2]
     needs_dbias = bool(needs_dbias) and bias is not None
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -246,60 +321,78 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
         dv.zero_()
         return dq, dk, dv, (torch.zeros_like(bias) if needs_dbias else None)
 
-    lists, sparse = _sparse(bias, mask, block_layout, _fp32(mask_value), causal, m_len, n_len)
+    lists = _lists(bias, mask, block_layout, mask_value, causal, m_len, n_len)
     mask_kv, col_ranges = _kernel_mask(mask, lists, kv_walk=True)
     mask, ranges = _kernel_mask(mask, lists)
-    mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
-    variant = _variant(q, k, v, bias, mask, causal, dropout, needs_dbias)
-    options = variant.options
-    seed_t = _seed_tensor(seed, q.device) if dropout else None
+    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
     m = m.contiguous()  # the forward's own [B, Hq, M] outputs: already contiguous, no copy
     log_l = log_l.contiguous()
+    key = ("bwd", _env_key(), _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(bias), _tkey(mask), ranges, _tkey(mask_kv),
+           col_ranges, _tkey(out), _tkey(m), _tkey(log_l), _lists_key(lists), _tkey(seed_t), scale, causal, dropout_p, group,
+           mask_value, needs_dbias)
+    plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale,
+                                            causal, dropout_p, group, mask_value, needs_dbias))
     delta = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
-    kv_lists, *kv_list_args = _list_args(None if lists is None else lists.kv)
-    q_lists, *q_list_args = _list_args(None if lists is None else lists.q)
-    if needs_dbias:
-        dbias_buf, dbias_atomic, bias_row_bcast = _dbias_buffer(bias, (b, hq, m_len, n_len), bool(causal) or lists is not None)
-        db_strides = _bcast_strides(dbias_buf)
-    else:
-        dbias_buf, dbias_atomic, bias_row_bcast = None, False, False
-        db_strides = (0, 0, 0, 0)
-    common = dict(
-        HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
-        IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
-        LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **sparse,
-    )
-    dropout_t = philox.threshold(dropout_p) if dropout else 0
-    k_dkdv, k_dq = variant.kernel("bwd_dkdv"), variant.kernel("bwd_dq")
-
+    dbias_buf = plan.dbias_buffer(bias) if needs_dbias else None
+    kv_lists, q_lists = (None, None) if lists is None else (lists.kv, lists.q)
     with _device_guard(q):
-        _launch(
-            "bwd_preprocess", variant.kernel("bwd_preprocess"), lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq),
-            out, dout, delta, *out.stride(), *dout.stride(), hq, m_len, _bucket(m_len),
-            HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"],
-        )
-        _launch(
-            "bwd_dkdv", k_dkdv, lambda meta: (triton.cdiv(n_len, meta["BLOCK_N"]), b * hkv),
-            q, k, v, bias, mask_kv, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf, q_lists,
-            *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask_kv),
-            *dout.stride(), *dk.stride(), *dv.stride(), *db_strides, *q_list_args[:3],
-            hq, hkv, group, m_len, n_len, q_list_args[3], _bucket(m_len), _bucket(n_len),
-            qk_scale, float(scale), mask_value, dropout_t, dropout_scale,
-            BIAS_GRAD=needs_dbias, DBIAS_ATOMIC=dbias_atomic, BIAS_ROW_BCAST=bias_row_bcast,
-            **common, COL_RANGES=col_ranges,
-        )
-        _launch(
-            "bwd_dq", k_dq, lambda meta: (triton.cdiv(m_len, meta["BLOCK_M"]), b * hq),
-            q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists,
-            *q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask),
-            *dout.stride(), *dq.stride(), *kv_list_args[:3],
-            hq, group, m_len, n_len, kv_list_args[3], _bucket(m_len), _bucket(n_len),
-            qk_scale, float(scale), mask_value, dropout_t, dropout_scale,
-            **common, MASK_RANGES=ranges,
-        )
-
+        plan.preprocess(out, dout, delta)
+        plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf, q_lists)
+        plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
     dbias = None
     if needs_dbias:
-        dbias = dbias_buf.to(bias.dtype) if dbias_atomic else dbias_buf
+        dbias = dbias_buf.to(bias.dtype) if plan.dbias_atomic else dbias_buf
     return dq, dk, dv, dbias
 
+
+class _BackwardPlan:
+    """The backward's three launches for one call signature (see the plans section above)."""
+
+    __slots__ = ("preprocess", "dkdv", "dq", "full_shape", "skips", "dbias_atomic")
+
+    def __init__(self, dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale, causal, dropout_p,
+                 group, mask_value, needs_dbias):
+        b, hq, m_len, d = q.shape
+        hkv, n_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+        mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
+        variant = _variant(q, k, v, bias, mask, causal, dropout, needs_dbias)
+        options = variant.options
+        _, *kv_list_args = _list_args(None if lists is None else lists.kv)
+        _, *q_list_args = _list_args(None if lists is None else lists.q)
+        self.full_shape, self.skips = (b, hq, m_len, n_len), bool(causal) or lists is not None
+        if needs_dbias:
+            buf, self.dbias_atomic, bias_row_bcast = _dbias_buffer(bias, self.full_shape, self.skips)
+            db_strides = _bcast_strides(buf)
+        else:
+            self.dbias_atomic, bias_row_bcast, db_strides = False, False, (0, 0, 0, 0)
+        common = dict(
+            HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=options["block_d"], BLOCK_DV=options["block_dv"],
+            IS_CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, DROPOUT=dropout,
+            LOG2_DOMAIN=log2_domain, DOT_PRECISION=options["input_precision"], **_sparse_options(lists),
+        )
+        dropout_t = philox.threshold(dropout_p) if dropout else 0
+        # q's strides serve dq, k's dk, v's dv: empty_like keeps a dense input's layout
+        self.preprocess = _prepared(
+            "bwd_preprocess", variant.kernel("bwd_preprocess"), lambda meta: (-(-m_len // meta["BLOCK_M"]), b * hq),
+            (*out.stride(), *dout.stride(), hq, m_len, _bucket(m_len)), dict(HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"]),
+        )
+        self.dkdv = _prepared(
+            "bwd_dkdv", variant.kernel("bwd_dkdv"), lambda meta: (-(-n_len // meta["BLOCK_N"]), b * hkv),
+            (*q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask_kv),
+             *dout.stride(), *dk.stride(), *dv.stride(), *db_strides, *q_list_args[:3],
+             hq, hkv, group, m_len, n_len, q_list_args[3], _bucket(m_len), _bucket(n_len),
+             qk_scale, float(scale), mask_value, dropout_t, dropout_scale),
+            dict(BIAS_GRAD=needs_dbias, DBIAS_ATOMIC=self.dbias_atomic, BIAS_ROW_BCAST=bias_row_bcast, **common,
+                 COL_RANGES=col_ranges),
+        )
+        self.dq = _prepared(
+            "bwd_dq", variant.kernel("bwd_dq"), lambda meta: (-(-m_len // meta["BLOCK_M"]), b * hq),
+            (*q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask),
+             *dout.stride(), *dq.stride(), *kv_list_args[:3],
+             hq, group, m_len, n_len, kv_list_args[3], _bucket(m_len), _bucket(n_len),
+             qk_scale, float(scale), mask_value, dropout_t, dropout_scale),
+            dict(**common, MASK_RANGES=ranges),
+        )
+
+    def dbias_buffer(self, bias: Tensor) -> Tensor:
+        return _dbias_buffer(bias, self.full_shape, self.skips)[0]
