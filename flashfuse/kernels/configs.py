@@ -108,6 +108,10 @@ CONFIGS: Dict[str, List[Dict[str, Any]]] = {
         # a mask: 148-168 registers at 64 x 64 / 4 warps, 128 capped (40 B of stack); see the forward's
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128, "max_block_d": 64, "extra": True, "mask_tier": True},
         {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
+        # NB: D=128 on an H100 (benchmarks/config_probe.py --d 128, 2026-11-22 14:05): documents of
+        # 512 at N=16K 274 us against 340 us for 128 x 64 (128 regs, no spills); at N=64K causal
+        # 67.5 against 47.6 ms, so it joins the tier the autotuner times, at D=128 only.
+        {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "max_block_d": 128, "extra_below_d": 128},
         {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "max_block_d": 256, "extra_below_d": 256},
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_block_d": 128},
         {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_block_d": 128, "extra": True},
@@ -200,15 +204,13 @@ def config_dicts(kind: str) -> List[Dict[str, Any]]:
     return [dict(c) for c in CONFIGS[kind]]
 
 
-# The data bounds ("max_block_d", "fp32") of each triton.Config made here, by id(config):
-# prune reads them back, and the autotuner keeps these Config objects alive.
-_BOUNDS: Dict[int, Dict[str, Any]] = {}
-
-
 def _to_triton(c: Dict[str, Any]):
+    # The data bounds ("max_block_d", "fp32", the tiers) ride on the Config object itself, where
+    # prune reads them back. (They were kept by id(config) before: a freed Config's id, reused by
+    # a new one, then carried stale bounds into the prune.)
     meta = {k: v for k, v in c.items() if k not in _META and k != "maxnreg"}
     config = triton.Config(meta, num_warps=c["num_warps"], num_stages=c["num_stages"], maxnreg=c.get("maxnreg"))
-    _BOUNDS[id(config)] = {k: c[k] for k in _META[2:] if k in c}
+    config.flashfuse_bounds = {k: c[k] for k in _META[2:] if k in c}
     return config
 
 
@@ -305,7 +307,7 @@ def _as_dict(c) -> Dict[str, Any]:
     if isinstance(c, dict):
         return c
     regs = {"maxnreg": c.maxnreg} if getattr(c, "maxnreg", None) else {}
-    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, **regs, **_BOUNDS.get(id(c), {})}
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages, **regs, **getattr(c, "flashfuse_bounds", {})}
 
 
 def _signature(c) -> tuple:

@@ -116,10 +116,15 @@ def _arg_key(args: tuple, kwargs: dict) -> tuple:
 
 
 def _tune_key(kernel, args, kwargs) -> tuple:
-    index = _key_index.get(id(kernel))
-    if index is None:
+    # The caches key kernels by id(): each entry here holds its kernel, so no id is reused for
+    # another kernel while _chosen or _direct may still hold one of its keys (kernels defined in
+    # tests come and go; the op's are kept for the process anyway).
+    held = _key_index.get(id(kernel))
+    if held is None or held[0] is not kernel:
         names = kernel.arg_names
-        index = _key_index[id(kernel)] = tuple((k, names.index(k) if k in names and names.index(k) < len(args) else None) for k in kernel.keys)
+        held = _key_index[id(kernel)] = (kernel, tuple((k, names.index(k) if k in names and names.index(k) < len(args) else None)
+                                                       for k in kernel.keys))
+    index = held[1]
     key = tuple(args[i] if i is not None else kwargs.get(k) for k, i in index)
     return (id(kernel), key, tuple(str(a.dtype) for a in args if isinstance(a, Tensor)))
 
