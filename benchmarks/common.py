@@ -351,6 +351,23 @@ def host_us(fn: Callable[[], Any], device: str, n: int = 20, repeats: int = 1) -
     return best
 
 
+def kernel_ms(fn: Callable[[], Any], iters: int = 3) -> Optional[float]:
+    """GPU time per call of fn: the summed durations of the device events (kernels, memsets,
+    copies) torch.profiler records over `iters` calls, divided by iters. Host time and the gaps
+    between kernels are left out, so this is the work a call puts on the GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return total_us / iters / 1e3 if total_us > 0 else None
+
+
 def peak_memory_mb(fn: Callable[[], Any], device: str) -> tuple[Optional[float], Optional[float]]:
     """(peak MB, peak minus what was allocated before the call) of one call, or (None, None) on CPU."""
     if device != "cuda":
