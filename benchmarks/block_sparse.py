@@ -565,6 +565,27 @@ def _scaling_points(rows, impl, d, field, n=None):
             and r.get(field) is not None and r.get("nonempty_blocks") and (n is None or r["N"] == n)]
 
 
+def _scaling_goal(rows, d: int, field: str, impls, name: str, at_largest_n: bool = False) -> dict:
+    """The goal row of a log-log fit of `field` against non-empty blocks (flashfuse_op decides met)."""
+    vals, notes, n, met = {}, [], 0, None
+    for impl in impls:
+        fit = loglog_fit(_scaling_points(rows, impl, d, field))
+        vals[impl] = fit[0] if fit else None
+        if fit:
+            notes.append(f"{impl}: b={fit[0]:.3f} R2={fit[1]:.3f} n={fit[2]}")
+        if impl == "flashfuse_op":
+            n = fit[2] if fit else 0
+            met = None if fit is None else bool(LINEAR_LO <= fit[0] <= LINEAR_HI)
+            if at_largest_n:
+                big = max((r["N"] for r in _rows(rows) if r["impl"] == impl and r.get("D") == d and r.get(field) is not None
+                           and r.get("pattern") not in (None, "dense")), default=None)
+                fit_big = loglog_fit(_scaling_points(rows, impl, d, field, big)) if big else None
+                if fit_big:
+                    notes.append(f"at N={big} only: b={fit_big[0]:.3f} R2={fit_big[1]:.3f}")
+    return {"goal": name, "target": f"b in [{LINEAR_LO}, {LINEAR_HI}]", "op": "in", "threshold": [LINEAR_LO, LINEAR_HI],
+            "values": vals, "n": n, "worst": "", "met": met, "note": "; ".join(notes)}
+
+
 def compute_goals(rows) -> list:
     goals = []
     for peer in ("flex", "sdpa_mask"):
@@ -583,39 +604,16 @@ def compute_goals(rows) -> list:
                                      vals, n, worst, note))
     for d in sorted({r["D"] for r in _rows(rows) if r.get("D")}):
         for fname, field in (("fwd+bwd", "fwdbwd_ms"), ("fwd", "fwd_ms")):
-            vals, notes, n, met = {}, [], 0, None
-            for impl in ("flashfuse_op", "flex"):
-                fit = loglog_fit(_scaling_points(rows, impl, d, field))
-                vals[impl] = fit[0] if fit else None
-                if fit:
-                    notes.append(f"{impl}: b={fit[0]:.3f} R2={fit[1]:.3f} n={fit[2]}")
-                if impl == "flashfuse_op":
-                    n = fit[2] if fit else 0
-                    met = None if fit is None else bool(LINEAR_LO <= fit[0] <= LINEAR_HI)
-                    big = max((r["N"] for r in _rows(rows) if r["impl"] == impl and r.get("D") == d and r.get(field) is not None
-                               and r.get("pattern") not in (None, "dense")), default=None)
-                    fit_big = loglog_fit(_scaling_points(rows, impl, d, field, big)) if big else None
-                    if fit_big:
-                        notes.append(f"at N={big} only: b={fit_big[0]:.3f} R2={fit_big[1]:.3f}")
-            goals.append({"goal": f"scaling {fname} D={d}: exponent b of ms ~ nonempty_blocks^b (log-log fit, all N and patterns)",
-                          "target": f"b in [{LINEAR_LO}, {LINEAR_HI}]", "op": "in", "threshold": [LINEAR_LO, LINEAR_HI],
-                          "values": vals, "n": n, "worst": "", "met": met, "note": "; ".join(notes)})
+            goals.append(_scaling_goal(rows, d, field, ("flashfuse_op", "flex"),
+                                       f"scaling {fname} D={d}: exponent b of ms ~ nonempty_blocks^b (log-log fit, all N and patterns)",
+                                       at_largest_n=True))
         # The same fit on GPU kernel time (gpu_fwdbwd_ms): the wall-clock fits above include each
         # call's fixed host time, which flattens the small cells; this one shows how the work scales.
-        vals, notes, n, met = {}, [], 0, None
-        for impl in KERNEL_TIME_IMPLS:
-            fit = loglog_fit(_scaling_points(rows, impl, d, "gpu_fwdbwd_ms"))
-            vals[impl] = fit[0] if fit else None
-            if fit:
-                notes.append(f"{impl}: b={fit[0]:.3f} R2={fit[1]:.3f} n={fit[2]}")
-            if impl == "flashfuse_op":
-                n = fit[2] if fit else 0
-                met = None if fit is None else bool(LINEAR_LO <= fit[0] <= LINEAR_HI)
-        if n:
-            goals.append({"goal": f"scaling fwd+bwd D={d}, GPU kernel time (torch.profiler): exponent b of ms ~ nonempty_blocks^b "
-                                  "(all N and patterns)",
-                          "target": f"b in [{LINEAR_LO}, {LINEAR_HI}]", "op": "in", "threshold": [LINEAR_LO, LINEAR_HI],
-                          "values": vals, "n": n, "worst": "", "met": met, "note": "; ".join(notes)})
+        goal = _scaling_goal(rows, d, "gpu_fwdbwd_ms", KERNEL_TIME_IMPLS,
+                             f"scaling fwd+bwd D={d}, GPU kernel time (torch.profiler): exponent b of ms ~ nonempty_blocks^b "
+                             "(all N and patterns)")
+        if goal["n"]:
+            goals.append(goal)
     return goals
 
 

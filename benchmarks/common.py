@@ -351,11 +351,8 @@ def host_us(fn: Callable[[], Any], device: str, n: int = 20, repeats: int = 1) -
     return best
 
 
-def kernel_ms(fn: Callable[[], Any], iters: int = 3) -> Optional[float]:
-    """GPU time per call of fn: the summed durations of the device events (kernels, memsets,
-    copies) torch.profiler records over `iters` calls, divided by iters. Host time and the gaps
-    between kernels are left out, so this is the work a call puts on the GPU."""
-    from torch.autograd import DeviceType
+def cuda_profile(fn: Callable[[], Any], iters: int):
+    """torch.profiler (CUDA activity) over `iters` calls of fn, after one warm call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -364,6 +361,16 @@ def kernel_ms(fn: Callable[[], Any], iters: int = 3) -> Optional[float]:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_ms(fn: Callable[[], Any], iters: int = 3) -> Optional[float]:
+    """GPU time per call of fn: the summed durations of the device events (kernels, memsets,
+    copies) torch.profiler records over `iters` calls, divided by iters. Host time and the gaps
+    between kernels are left out, so this is the work a call puts on the GPU."""
+    from torch.autograd import DeviceType
+
+    prof = cuda_profile(fn, iters)
     total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
     return total_us / iters / 1e3 if total_us > 0 else None
 

@@ -65,3 +65,25 @@ def test_kernel_sweep_dry_run_with_prewarm(tmp_path):
     assert len(rows) == 4 * len(kernel_sweep.configs(_args("--dry-run")))
     assert all(r.get("fwd_ms") is not None for r in rows if r["impl"] != "sdpa_flash" or not r["dropout"]), rows
     assert all(r.get("cell_s") is not None for r in rows)
+
+
+def test_block_sparse_scaling_goals_fit_wall_clock_and_kernel_time():
+    # Synthetic rows: kernel time proportional to the non-empty blocks, wall clock the same plus a
+    # fixed host share. The kernel-time fit must find b = 1 (met), the wall-clock fit b < 0.85
+    # over all N, and the fit at the largest N alone (little host share there) close to 1.
+    import block_sparse
+
+    rows = []
+    for n in (4096, 16384, 65536):
+        for blocks in (64, 256, 1024, 4096):
+            blocks = blocks * n // 4096
+            for impl in ("flashfuse_op", "flex"):
+                gpu = 1e-3 * blocks
+                rows.append({"suite": "block_sparse", "impl": impl, "D": 64, "N": n, "pattern": "sliding", "nonempty_blocks": blocks,
+                             "gpu_fwdbwd_ms": gpu, "fwdbwd_ms": gpu + 0.5, "fwd_ms": gpu / 3 + 0.2})
+    goals = {g["goal"].split(":")[0]: g for g in block_sparse.compute_goals(rows) if g["goal"].startswith("scaling")}
+    kernel = goals["scaling fwd+bwd D=64, GPU kernel time (torch.profiler)"]
+    assert kernel["met"] is True and abs(kernel["values"]["flashfuse_op"] - 1.0) < 1e-9
+    wall = goals["scaling fwd+bwd D=64"]
+    assert wall["met"] is False and wall["values"]["flashfuse_op"] < 0.85
+    assert "at N=65536 only: b=0.9" in wall["note"]

@@ -531,6 +531,28 @@ def test_direct_launch_enabled_without_launch_hooks(monkeypatch):
     assert not launch._direct_enabled()
 
 
+class _RecordingCompiled:
+    """A stand-in for a compiled Triton kernel (no GPU here): records its launcher's calls."""
+
+    function = object()
+    metadata = object()
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *a):
+        self.calls.append(a)
+
+
+def _plain_autotuned(config):
+    @triton.autotune(configs=[config], key=["N"])
+    @triton.jit
+    def plain(X, N, FLAG: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    return plain
+
+
 def test_direct_entry_orders_arguments_for_kernels_with_and_without_heuristics(monkeypatch):
     # The direct entry replays a launch: positional args, then every remaining parameter of the
     # jit function in order (launch kwargs, the config's meta-parameters, heuristics values).
@@ -544,24 +566,11 @@ def test_direct_entry_orders_arguments_for_kernels_with_and_without_heuristics(m
     def with_heuristics(X, N, FLAG: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
         pass
 
-    @triton.autotune(configs=[config], key=["N"])
-    @triton.jit
-    def plain(X, N, FLAG: tl.constexpr, BLOCK: tl.constexpr):
-        pass
-
-    class Compiled:
-        function = object()
-        metadata = object()
-
-        def __init__(self):
-            self.calls = []
-
-        def run(self, *a):
-            self.calls.append(a)
+    plain = _plain_autotuned(config)
 
     x = torch.zeros(8)
     for kernel, tail in ((with_heuristics, (True, 32, False)), (plain, (True, 32))):
-        compiled = Compiled()
+        compiled = _RecordingCompiled()
         entry = launch._direct_entry(kernel, compiled, config, lambda meta: (triton.cdiv(100, meta["BLOCK"]),), (x, 100), {"FLAG": True})
         assert entry is not None and entry.tail == tail and entry.meta["BLOCK"] == 32
         assert not any(isinstance(a, torch.Tensor) for a in entry.meta.values())
@@ -574,7 +583,7 @@ def test_direct_entry_orders_arguments_for_kernels_with_and_without_heuristics(m
             launch.launch("fwd", kernel, lambda meta: (triton.cdiv(100, meta["BLOCK"]),), x, 100, FLAG=True)
             assert len(compiled.calls) == 1
             assert compiled.calls[0][:3] == (4, 1, 1) and compiled.calls[0][3] == "stream"
-            assert compiled.calls[0][4:6] == (Compiled.function, Compiled.metadata)
+            assert compiled.calls[0][4:6] == (_RecordingCompiled.function, _RecordingCompiled.metadata)
             assert compiled.calls[0][9:] == (x, 100, *tail)
             # Same arguments, another grid (a launcher's grid may read sizes that are not kernel
             # arguments, e.g. the batch): the grid is evaluated again, never remembered.
@@ -590,22 +599,9 @@ def test_prepared_launch_runs_the_remembered_entry_until_forgotten(monkeypatch):
     # launch hook sends the next call through launch() again.
     config = triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1)
 
-    @triton.autotune(configs=[config], key=["N"])
-    @triton.jit
-    def plain(X, N, FLAG: tl.constexpr, BLOCK: tl.constexpr):
-        pass
+    plain = _plain_autotuned(config)
 
-    class Compiled:
-        function = object()
-        metadata = object()
-
-        def __init__(self):
-            self.calls = []
-
-        def run(self, *a):
-            self.calls.append(a)
-
-    compiled, slow = Compiled(), []
+    compiled, slow = _RecordingCompiled(), []
 
     def checked_launch(kind, kernel, grid, *args, **kwargs):
         slow.append(args)
@@ -623,7 +619,7 @@ def test_prepared_launch_runs_the_remembered_entry_until_forgotten(monkeypatch):
         prepared(y)
         assert len(slow) == 1 and len(compiled.calls) == 1
         call = compiled.calls[0]
-        assert call[:4] == (4, 2, 1, "stream") and call[4:6] == (Compiled.function, Compiled.metadata)
+        assert call[:4] == (4, 2, 1, "stream") and call[4:6] == (_RecordingCompiled.function, _RecordingCompiled.metadata)
         assert call[9] is y and call[10:] == (100, True, 32)
         launch.forget()
         prepared(x)
