@@ -176,6 +176,8 @@ def _dense_strides(t: Tensor) -> tuple:
     # the strides torch.empty_like(t) gives: t's own when t is non-overlapping and dense (size-1
     # dims aside, its strides are the running products of the sizes in stride order), else
     # those of a fresh empty_like
+    if t.numel() == 0:
+        return torch.empty_like(t).stride()
     dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
     expect = 1
     for st, sz in dims:

@@ -666,3 +666,26 @@ def test_envvars_read_what_os_environ_holds(monkeypatch):
     assert envvars.get("FLASHFUSE_TEST_ENV", "1") == "0"
     monkeypatch.delenv("FLASHFUSE_TEST_ENV")
     assert envvars.get("FLASHFUSE_TEST_ENV") is None and envvars.get("FLASHFUSE_TEST_ENV", "1") == "1"
+
+
+def test_op_output_layout_checks_match_the_fake_kernels():
+    # ops._as_layout compares outputs with the strides the fake kernels promise, computed without
+    # allocating: they must equal what the fake kernels' empty / empty_like give, for dense,
+    # permuted, sliced, expanded and empty inputs.
+    from flashfuse import ops
+
+    base = torch.randn(4, 6, 5, 8)
+    inputs = [base, base.transpose(1, 2), base[:, :, :3], base.permute(2, 0, 3, 1), base[:1], torch.randn(1, 1, 1, 1),
+              torch.randn(4, 1, 5, 8).expand(4, 6, 5, 8), torch.randn(0, 3, 2, 2), base[..., ::2],
+              torch.randn(2, 1, 3, 4).as_strided((2, 1, 3, 4), (12, 99, 4, 1))]
+    for t in inputs:
+        assert ops._dense_strides(t) == torch.empty_like(t).stride(), (t.shape, t.stride())
+    for shape in [(2, 3, 5, 4), (1, 1, 1, 1), (2, 0, 5, 4), (2, 3, 0, 4)]:
+        for dv in (4, 1, 0):
+            q, v = torch.empty(shape), torch.empty(shape[0], shape[1], 7, dv)
+            assert ops._out_strides(q, v) == ops._out_like(q, v).stride(), (shape, dv)
+    # a mismatching layout or dtype is copied into the promised one
+    t = base.transpose(1, 2).contiguous().transpose(1, 2)  # [4, 6, 5, 8] viewed from [4, 5, 6, 8]
+    fixed = ops._as_layout(t, base.double(), base.shape, base.stride())
+    assert fixed.stride() == base.stride() and fixed.dtype == torch.float64 and torch.equal(fixed, t.double())
+    assert ops._as_layout(base, base, base.shape, base.stride()) is base
