@@ -293,6 +293,39 @@ def test_philox_bit_exact_large(seed):
     assert abs(rate - philox.keep_probability(p)) < 4 * (p * (1 - p) / want.numel()) ** 0.5
 
 
+def test_cuda_graph_replays_prepared_launches_with_new_inputs(monkeypatch):
+    # A masked eager call captured in a CUDA graph: the capture runs the plan's prepared launches
+    # (their direct entries, on the capture stream) and the mask's summary kernels; each replay
+    # must compute the attention of the inputs copied into the static buffers, mask included.
+    # FLASHFUSE_MASK_CACHE=0: the warm-up calls take the uncached path a capture takes.
+    import flashfuse
+    from flashfuse.kernels import launch
+
+    monkeypatch.setenv(bs.CACHE_ENV, "0")
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    q, k, v = (torch.randn(1, 4, 1000, 64, device=DEV, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    keep = mp.sliding_window(1000, 1000, window=200, device=DEV)[None, None].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile, then remember the direct entries
+            flashfuse.attention(q, k, v, mask=keep)
+    torch.cuda.current_stream().wait_stream(side)
+    before = launch.stats["direct"]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flashfuse.attention(q, k, v, mask=keep)
+    assert launch.stats["direct"] > before  # the capture ran the prepared launch's entry
+    for window, causal_ in ((200, True), (500, False)):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device=DEV, generator=gen, dtype=t.dtype))
+        keep.copy_(mp.sliding_window(1000, 1000, window=window, causal_=causal_, device=DEV)[None, None])
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = oracle.attention(q.float(), k.float(), v.float(), mask=keep)
+        assert rel_err(out, ref) < TOL[torch.bfloat16], window
+
+
 # -- every forward config of one shape (opt-in: compiles each) --------------------------------------
 
 def _all_fwd_configs():
