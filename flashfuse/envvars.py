@@ -21,15 +21,13 @@ _keys: dict = {}
 
 
 def _fast_ok() -> bool:
+    # the expected layout, checked against what os.environ already holds (nothing is written)
     if not isinstance(_data, dict) or _encodekey is None or _decodevalue is None:
         return False
-    probe = "FLASHFUSE_ENV_PROBE"
     try:
-        os.environ[probe] = "1"
-        ok = _data.get(_encodekey(probe)) is not None and _decodevalue(_data[_encodekey(probe)]) == "1"
-    finally:
-        os.environ.pop(probe, None)
-    return ok and _data.get(_encodekey(probe)) is None
+        return all(_decodevalue(_data[_encodekey(k)]) == v for k, v in list(os.environ.items())[:8])
+    except (KeyError, TypeError, UnicodeError):
+        return False
 
 
 if _fast_ok():

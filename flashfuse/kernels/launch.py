@@ -124,7 +124,7 @@ def _tune_key(kernel, args, kwargs) -> tuple:
     # another kernel while _chosen or _direct may still hold one of its keys (kernels defined in
     # tests come and go; the op's are kept for the process anyway).
     held = _key_index.get(id(kernel))
-    if held is None or held[0] is not kernel:
+    if held is None:
         names = kernel.arg_names
         held = _key_index[id(kernel)] = (kernel, tuple((k, names.index(k) if k in names and names.index(k) < len(args) else None)
                                                        for k in kernel.keys))
