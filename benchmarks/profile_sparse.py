@@ -1,7 +1,7 @@
 """Where does a block-sparse cell's time go? flashfuse (mask and layout APIs) vs FlexAttention.
 
-    python benchmarks/profile_sparse.py 4096,document,512 65536,sliding,4096 16384,causal,0
-Each cell is N,pattern,parameter with the block-sparse suite's shapes (B=1, H=16, D=64, bf16;
+    python benchmarks/profile_sparse.py 4096,document,512 65536,sliding,4096 16384,causal,0 16384,document,2048,128
+Each cell is N,pattern,parameter[,D] with the block-sparse suite's shapes (B=1, H=16, D=64 unless given, bf16;
 patterns from benchmarks/block_sparse.py). For each impl it prints the do_bench medians of the
 forward and forward+backward, the host time to issue one forward+backward, the CUDA time per
 call of each kernel (torch.profiler), and for flashfuse the chosen config, registers and spills
@@ -41,12 +41,12 @@ def main() -> None:
 
     cells = sys.argv[1:] or ["4096,document,512", "65536,document,8192"]
     for cell in cells:
-        n, pattern, param = cell.split(",")
-        n, param = int(n), (int(param) if pattern != "causal" else None)
-        cfg = common.AttnConfig(dtype="bf16", B=1, H=16, N=n, D=64, causal=False, dropout=0.0)
+        n, pattern, param, *d = cell.split(",")
+        n, param, d = int(n), (int(param) if pattern != "causal" else None), int(d[0]) if d else 64
+        cfg = common.AttnConfig(dtype="bf16", B=1, H=16, N=n, D=d, causal=False, dropout=0.0)
         q, k, v, do = common.make_inputs(cfg, "cuda")
         case = suite.MaskCase(pattern, param, n, cfg.B, cfg.H, "cuda")
-        print(f"== N={n} {pattern} {param}: density {case.stats['density']:.4f}, partial blocks {case.n_partial}", flush=True)
+        print(f"== N={n} D={d} {pattern} {param}: density {case.stats['density']:.4f}, partial blocks {case.n_partial}", flush=True)
         for impl in ("flashfuse_op", "flashfuse_layout", "flex", "flashfuse_dense"):
             try:
                 fn, _, _ = suite.build_fn(impl, case, n, "cuda", "auto")
