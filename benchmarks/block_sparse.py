@@ -32,8 +32,7 @@ and near-linear scaling: fit ms = c * nonempty_blocks^b over the flashfuse_op ro
     python benchmarks/block_sparse.py --out $OUT             # D=64,128, N=4K..64K (past the default budget: split by --head-dims)
     python benchmarks/block_sparse.py --dry-run --out /tmp/bs
 
---impls takes this suite's names: flashfuse_op,flashfuse_op_tiles,flashfuse_layout,flashfuse_dense,flex,sdpa_mask,
-and flashfuse_op_dq_kernel / flashfuse_op_dq_atomic (the op with FLASHFUSE_DQ_ATOMIC=0 / 1).
+--impls takes this suite's names: flashfuse_op,flashfuse_op_tiles,flashfuse_layout,flashfuse_dense,flex,sdpa_mask.
 """
 
 from __future__ import annotations
@@ -60,15 +59,12 @@ SUITE = "block_sparse"
 IMPLS = ("flashfuse_op", "flashfuse_op_tiles", "flashfuse_layout", "flex", "flashfuse_dense", "sdpa_mask")
 PASS1 = ("flashfuse_op", "flashfuse_op_tiles", "flashfuse_layout", "flex", "flashfuse_dense")  # goals first; SDPA (dense O(N^2)) after
 OURS = ("flashfuse_op", "flashfuse_layout")
-# The op with the backward's dQ path forced (FLASHFUSE_DQ_ATOMIC=0 / 1), for comparing the two in
-# one run; only with --impls.
-DQ_IMPLS = {"flashfuse_op_dq_kernel": "0", "flashfuse_op_dq_atomic": "1"}
 BLOCK = 128
 FLEX_EAGER_MASK_MAX_N = 16384   # above this, create_block_mask runs compiled (eager materializes N^2 int64 temporaries)
 LINEAR_LO, LINEAR_HI = 0.85, 1.15
 OUT_TOL = 0.08                  # bf16/fp16 max abs difference accepted between impls
 HOST_CHECK_BELOW_MS = 5.0       # host time per fwd+bwd is measured for cells faster than this (slower ones are GPU-bound)
-KERNEL_TIME_IMPLS = ("flashfuse_op", "flex", *DQ_IMPLS)  # gpu_fwdbwd_ms (torch.profiler device time) for these
+KERNEL_TIME_IMPLS = ("flashfuse_op", "flex")  # gpu_fwdbwd_ms (torch.profiler device time) for these
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +93,7 @@ def _csv(s, cast=int):
 def _impl_list(args) -> list:
     if getattr(args, "impls", None):
         want = [i.strip() for i in args.impls.split(",") if i.strip()]
-        return [i for i in (*IMPLS, *DQ_IMPLS) if i in want]
+        return [i for i in IMPLS if i in want]
     return list(IMPLS)
 
 
@@ -267,7 +263,7 @@ def build_fn(impl: str, case: MaskCase | None, n: int, device: str, kernel: str)
 
     if impl == "flashfuse_dense":
         return (lambda q, k, v: flashfuse.attention(q, k, v, kernel=kernel)), None, {}
-    if impl in ("flashfuse_op", "flashfuse_op_tiles", *DQ_IMPLS):  # _tiles, _dq_*: run under an env switch by cell()
+    if impl in ("flashfuse_op", "flashfuse_op_tiles"):  # _tiles: run under mask_ranges(False) by cell()
         mask4 = case.mask4
         return (lambda q, k, v: flashfuse.attention(q, k, v, mask=mask4, kernel=kernel)), case.summary_ms, {}
     if impl == "flashfuse_layout":
@@ -372,7 +368,7 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
     stage, fn, out = "build", None, None
     try:
         with time_limit(runner.cell_limit()), strict_kernels(ours and o.device == "cuda" and not args.no_strict), \
-                mask_ranges(impl != "flashfuse_op_tiles"), _env("FLASHFUSE_DQ_ATOMIC", DQ_IMPLS.get(impl)):
+                mask_ranges(impl != "flashfuse_op_tiles"):
             fn, setup, extra = build_fn(impl, case, cfg.N, o.device, o.kernel)
             cpu_fwd_only = extra.pop("cpu_forward_only", False)
             row.update(extra)
@@ -456,7 +452,7 @@ def run(args, budget: Budget, sink) -> None:
     refs: dict = {}
     # Pass 1: ours and Flex over every config; pass 2: SDPA with the mask (dense O(N^2) work), so a
     # short budget costs context, not the goals.
-    for pass_impls in ([i for i in impls if i in PASS1 or i in DQ_IMPLS], [i for i in impls if i not in PASS1 and i not in DQ_IMPLS]):
+    for pass_impls in ([i for i in impls if i in PASS1], [i for i in impls if i not in PASS1]):
         if not pass_impls:
             continue
         for d in dims:
@@ -637,7 +633,7 @@ def _cell(r, field_ms, field_tf=None):
 
 def render_markdown(rows, goals, meta) -> str:
     main = _rows(rows)
-    impls = [i for i in (*IMPLS, *DQ_IMPLS) if any(r["impl"] == i for r in main)]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in main)]
     by = {(r["impl"], _ckey(r)): r for r in main}
     keys = list(dict.fromkeys(_ckey(r) for r in main if r.get("pattern") not in (None, "dense")))
     dense = {(r["dtype"], r["B"], r["H"], r["N"], r["D"]): r for r in main if r["impl"] == "flashfuse_dense"}
@@ -776,10 +772,10 @@ def main(argv=None) -> int:
     args.impls = impls
     if impls:
         names = [i.strip() for i in impls.split(",") if i.strip()]
-        bad = [i for i in names if i not in IMPLS and i not in DQ_IMPLS and i not in common.IMPLS]
+        bad = [i for i in names if i not in IMPLS and i not in common.IMPLS]
         if bad:
-            raise SystemExit(f"unknown impls {bad}; valid here: {', '.join((*IMPLS, *DQ_IMPLS))}")
-        other = [i for i in names if i not in IMPLS and i not in DQ_IMPLS]  # kernel-sweep names (run_all --isolate passes them on)
+            raise SystemExit(f"unknown impls {bad}; valid here: {', '.join(IMPLS)}")
+        other = [i for i in names if i not in IMPLS]  # kernel-sweep names (run_all --isolate passes them on)
         if other:
             print(f"block_sparse: ignoring impls of other suites: {', '.join(other)}", flush=True)
     common.run_suite(sys.modules[__name__], args)

@@ -219,65 +219,6 @@ def test_dropout_bf16_bnhd():
     run_case(torch.bfloat16, m=64, n=64, causal=True, dropout_p=0.3, layout="bnhd")
 
 
-# -- atomic dQ (FLASHFUSE_DQ_ATOMIC=1): dK/dV accumulates dQ, the dQ kernel does not run ---------
-
-DQ_ATOMIC_CASES = {
-    "fp32-ragged-causal": dict(dtype=torch.float32, m=100, n=129, causal=True),
-    "fp32-ragged-cross": dict(dtype=torch.float32, m=129, n=17),
-    "fp32-D80-gqa2-causal": dict(dtype=torch.float32, hq=4, group=2, m=100, n=129, d=80, causal=True),
-    "fp32-dv-differs": dict(dtype=torch.float32, m=33, n=70, d=16, dv=32, causal=True),
-    "bf16-bnhd": dict(dtype=torch.bfloat16, m=129, n=100, layout="bnhd"),
-    "fp32-sliced": dict(dtype=torch.float32, m=17, n=100, causal=True, layout="sliced"),
-    "fp32-bias-BH1N-causal": dict(dtype=torch.float32, m=17, n=129, bias_shape=(2, 2, 1, 129), causal=True),
-    "fp32-finite-fill-masked-rows": dict(dtype=torch.float32, m=40, n=50, mask_shape=(2, 1, 40, 50), mask_value=F32_MIN,
-                                         masked_rows=(0, 21), causal=True),
-    "fp32-dropout-everything": dict(dtype=torch.float32, hq=4, group=2, m=45, n=70, causal=True, dropout_p=0.3,
-                                    bias_shape=(1, 4, 45, 70), mask_shape=(2, 1, 45, 70), mask_value=F32_MIN, masked_rows=(7,)),
-}
-
-
-def _backward_kinds(monkeypatch) -> list:
-    """The kinds of the launches plans build from now on (fresh plans)."""
-    built = []
-    real = triton_attention._prepared
-    monkeypatch.setattr(triton_attention, "_prepared", lambda kind, *a: built.append(kind) or real(kind, *a))
-    triton_attention.reset()
-    return built
-
-
-@pytest.mark.parametrize("name", sorted(DQ_ATOMIC_CASES))
-def test_dq_atomic_matches_oracle(monkeypatch, name):
-    monkeypatch.setenv("FLASHFUSE_DQ_ATOMIC", "1")
-    built = _backward_kinds(monkeypatch)
-    run_case(**DQ_ATOMIC_CASES[name])
-    assert "bwd_dkdv" in built and "bwd_dq" not in built, built
-
-
-def test_dq_atomic_off_under_deterministic_algorithms(monkeypatch):
-    # atomic adds sum in a run-dependent order: deterministic mode keeps the dQ kernel
-    monkeypatch.setenv("FLASHFUSE_DQ_ATOMIC", "1")
-    built = _backward_kinds(monkeypatch)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        run_case(torch.float32, m=40, n=40, causal=True)
-    finally:
-        torch.use_deterministic_algorithms(was)
-    assert "bwd_dq" in built, built
-    built.clear()
-    triton_attention.reset()
-    monkeypatch.setenv("FLASHFUSE_DQ_ATOMIC", "0")
-    run_case(torch.float32, m=40, n=40, causal=True)
-    assert "bwd_dq" in built, built
-
-
-def test_dq_atomic_unknown_setting_warns_and_means_auto(monkeypatch, caplog):
-    monkeypatch.setenv("FLASHFUSE_DQ_ATOMIC", "yes")
-    with caplog.at_level("WARNING", logger="flashfuse"):
-        assert triton_attention._dq_atomic(torch.empty(1)) == triton_attention._DQ_ATOMIC_AUTO
-    assert "FLASHFUSE_DQ_ATOMIC" in caplog.text
-
-
 # -- Philox --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1234, 2**40 + 7, -5], ids=["0", "1234", "2^40+7", "neg"])
@@ -373,12 +314,6 @@ def test_shared_memory_estimate_matches_measured_kernels():
     assert est("fwd", c128, 128, 128, 2, bias_bytes=2, has_mask=True) == 262144
     kept = configs.prune("fwd", configs.CONFIGS["fwd"], 128, 128, 2, 227 * 1024, "all", bias_bytes=2, has_mask=True)
     assert all((c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) != (128, 128, 3) for c in kept)
-    # dK/dV with atomic dQ, bf16 sm_90 compiles (Triton 3.9, 2026-11-22): 198656 B at D=128
-    # 64x128/8 warps/3 stages, 156416 B at D=128 32x128/8/3; the estimate stays above both
-    for c, d, measured in (({"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 3}, 128, 198656),
-                           ({"BLOCK_M": 32, "BLOCK_N": 128, "num_stages": 3}, 128, 156416)):
-        assert measured <= est("bwd_dkdv", c, d, d, 2, dq_atomic=True) <= 1.1 * measured
-        assert est("bwd_dkdv", c, d, d, 2) < measured
 
 
 def test_register_capped_configs_reach_triton_and_stay_distinct():

@@ -250,7 +250,7 @@ def shared_memory_limit(device=None) -> int:
 
 
 def shared_memory_estimate(kind: str, c: Dict[str, Any], block_d: int, block_dv: int, elem_bytes: int,
-                           bias_bytes: int = 0, has_mask: bool = False, dq_atomic: bool = False) -> int:
+                           bias_bytes: int = 0, has_mask: bool = False) -> int:
     """A conservative estimate of a config's shared memory in bytes.
 
     Tiles loaded inside the pipelined loop are buffered num_stages - 1 times (the forward's K
@@ -279,11 +279,6 @@ def shared_memory_estimate(kind: str, c: Dict[str, Any], block_d: int, block_dv:
     if kind == "bwd_dkdv":
         # K and V stay; Q^T and dO (and the bias / mask tiles) stream; P^T and dS^T round-trip.
         resident = elem_bytes * (bn * (block_d + block_dv) + 2 * bm * bn)
-        if dq_atomic:
-            # NB: dQ's tile product reads K as its second operand: a second copy of K, plus dS
-            # once more. sm_90 compiles (benchmarks/kernel_resources.py, 2026-11-22) grew by
-            # 32768 B (64x128, D=128), 40960 B (32x128, D=128) and 16384 B (64x128, D=64).
-            resident += elem_bytes * (bn * block_d + bm * bn)
         return resident + buffers * (elem_bytes * bm * (block_d + block_dv) + tile + 3 * 4 * bm)
     if kind == "bwd_dq":
         # Q and dO stay; K^T and V^T (and the bias / mask tiles) stream; dS round-trips.
@@ -351,8 +346,7 @@ def ban(kind: str, args: Dict[str, Any], config, candidates) -> bool:
 
 
 def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int, smem_limit: int, autotune: str = "default",
-          bias_bytes: int = 0, has_mask: bool = False, exclude: Optional[set] = None, mask_tile: Optional[bool] = None,
-          dq_atomic: bool = False) -> list:
+          bias_bytes: int = 0, has_mask: bool = False, exclude: Optional[set] = None, mask_tile: Optional[bool] = None) -> list:
     """Configs that fit the head dim, dtype and shared memory; never empty.
 
     Works on triton.Config objects (from triton_configs) or plain dicts. has_mask: a mask reaches
@@ -369,7 +363,7 @@ def prune(kind: str, configs: list, block_d: int, block_dv: int, elem_bytes: int
         configs = allowed or list(configs)
     dicts = [_as_dict(c) for c in configs]
     mask_tile = has_mask if mask_tile is None else mask_tile
-    est = [shared_memory_estimate(kind, d, block_d, block_dv, elem_bytes, bias_bytes, mask_tile, dq_atomic) for d in dicts]
+    est = [shared_memory_estimate(kind, d, block_d, block_dv, elem_bytes, bias_bytes, mask_tile) for d in dicts]
     kept = [c for c, d, e in zip(configs, dicts, est) if e <= smem_limit and _fits(d, block_d, block_dv, elem_bytes)]
     if not kept:
         kept = [min(zip(configs, est), key=lambda ce: ce[1])[0]]
@@ -394,8 +388,7 @@ def prune_for_call(kind: str, configs: list, args: Dict[str, Any], smem_limit: i
     has_mask = hasattr(args.get("Mask"), "element_size")
     # row / column ranges (MASK_RANGES, COL_RANGES) keep the mask tier but load no mask tile
     return prune(kind, configs, block_d, block_dv, elem_bytes, smem_limit, autotune, bias_bytes=bias_bytes, has_mask=has_mask,
-                 exclude=exclude, mask_tile=has_mask and not (args.get("MASK_RANGES") or args.get("COL_RANGES")),
-                 dq_atomic=kind == "bwd_dkdv" and hasattr(args.get("DQacc"), "element_size"))
+                 exclude=exclude, mask_tile=has_mask and not (args.get("MASK_RANGES") or args.get("COL_RANGES")))
 
 
 def _pruner(kind: str):

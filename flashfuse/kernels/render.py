@@ -68,7 +68,7 @@ def dot_precision(dtype) -> str:
 
 
 def template_options(dtype, head_dim: int, has_bias: bool, has_mask: bool, causal: bool, dropout: bool,
-                     needs_dbias: bool, head_dim_v: Optional[int] = None, dq_atomic: bool = False) -> dict:
+                     needs_dbias: bool, head_dim_v: Optional[int] = None) -> dict:
     """The options one attention region renders with (JSON-able, stable key order)."""
     head_dim_v = int(head_dim if head_dim_v is None else head_dim_v)
     return {
@@ -82,8 +82,6 @@ def template_options(dtype, head_dim: int, has_bias: bool, has_mask: bool, causa
         "causal": bool(causal),
         "dropout": bool(dropout),
         "needs_dbias": bool(needs_dbias and has_bias),
-        # the dK/dV kernel also accumulates dQ with atomics (attn_bwd_dkdv's docstring)
-        "dq_atomic": bool(dq_atomic),
         "input_precision": dot_precision(dtype),
         # the CPU interpreter renders a variant of the dot helper (see common.py.jinja)
         "interpret": os.environ.get("TRITON_INTERPRET") == "1",
@@ -94,7 +92,7 @@ def _summary(options: dict) -> str:
     parts = [options["dtype"], f"head_dim={options['head_dim']} (BLOCK_D={options['block_d']})"]
     if options["head_dim_v"] != options["head_dim"]:
         parts.append(f"head_dim_v={options['head_dim_v']} (BLOCK_DV={options['block_dv']})")
-    for flag in ("causal", "has_bias", "has_mask", "dropout", "needs_dbias", "dq_atomic"):
+    for flag in ("causal", "has_bias", "has_mask", "dropout", "needs_dbias"):
         if options[flag]:
             parts.append(flag)
     parts.append(f"dot input_precision={options['input_precision']}")
@@ -122,14 +120,10 @@ def _check_kind(kind: str) -> None:
 
 
 def _kind_options(kind: str, options: dict) -> dict:
-    # only dK/dV writes dBias, and only dK/dV and the preprocess (which zeroes the accumulator)
-    # read dq_atomic: the other kinds render (and hash) the same with or without them
-    drop = {}
+    # only dK/dV writes dBias: the other kinds render (and hash) the same with or without it
     if kind != "bwd_dkdv" and options.get("needs_dbias"):
-        drop["needs_dbias"] = False
-    if kind in ("fwd", "bwd_dq") and options.get("dq_atomic"):
-        drop["dq_atomic"] = False
-    return {**options, **drop} if drop else options
+        return {**options, "needs_dbias": False}
+    return options
 
 
 def render_source(kind: str, options: dict) -> str:

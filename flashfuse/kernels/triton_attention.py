@@ -8,8 +8,6 @@ contract). The kernels are rendered from `flashfuse/templates/*.py.jinja` by
     backward: attn_bwd_preprocess (delta)  grid (cdiv(M, BLOCK_M), B * Hq)
               attn_bwd_dkdv                grid (cdiv(N, BLOCK_N), B * Hkv)   no atomics for dk/dv
               attn_bwd_dq                  grid (cdiv(M, BLOCK_M), B * Hq)
-    or, with atomic dQ (`_dq_atomic`): the preprocess also zeroes an fp32 dQ accumulator, dK/dV
-    adds dS K into it, and one torch.mul scales and casts it into dq; attn_bwd_dq does not run.
 
 q, k, v, bias, mask, dout are read through their strides (size-1 bias/mask dims get stride 0);
 nothing is made contiguous and nothing M x N is allocated.
@@ -176,38 +174,15 @@ class _Variant:
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_variant(dtype, head_dim, has_bias, has_mask, causal, dropout, needs_dbias, head_dim_v, dq_atomic, allow_tf32, interpret,
-                    cache_dir):
+def _cached_variant(dtype, head_dim, has_bias, has_mask, causal, dropout, needs_dbias, head_dim_v, allow_tf32, interpret, cache_dir):
     # template_options reads the TF32 flag and TRITON_INTERPRET, render.kernel the cache dir: all in the key
-    return _Variant(render.template_options(dtype, head_dim, has_bias, has_mask, causal, dropout, needs_dbias, head_dim_v=head_dim_v,
-                                            dq_atomic=dq_atomic))
+    return _Variant(render.template_options(dtype, head_dim, has_bias, has_mask, causal, dropout, needs_dbias, head_dim_v=head_dim_v))
 
 
-def _variant(q, k, v, bias, mask, causal, dropout, needs_dbias, dq_atomic=False) -> _Variant:
+def _variant(q, k, v, bias, mask, causal, dropout, needs_dbias) -> _Variant:
     """This call's kernel variant, memoized: the launchers run this on every op call."""
     return _cached_variant(q.dtype, k.shape[-1], bias is not None, mask is not None, bool(causal), bool(dropout),
-                           bool(needs_dbias), v.shape[-1], bool(dq_atomic), _allow_tf32(), configs.interpreting(),
-                           envvars.get("FLASHFUSE_CACHE_DIR"))
-
-
-def _dq_atomic(q: Tensor) -> bool:
-    """Whether this backward accumulates dQ inside the dK/dV kernel with fp32 atomics.
-
-    FLASHFUSE_DQ_ATOMIC: "1" always, "0" never, "auto" (default) where it measured faster.
-    Atomic adds land in a run-dependent order, so torch.use_deterministic_algorithms(True)
-    keeps the separate dQ kernel whatever the setting.
-    """
-    if torch.are_deterministic_algorithms_enabled():
-        return False
-    value = envvars.get("FLASHFUSE_DQ_ATOMIC", "auto")
-    if value == "1" or value == "0":
-        return value == "1"
-    if value != "auto":
-        configs.env_choice("FLASHFUSE_DQ_ATOMIC", value, "0, 1 or auto")
-    return _DQ_ATOMIC_AUTO
-
-
-_DQ_ATOMIC_AUTO = False
+                           bool(needs_dbias), v.shape[-1], _allow_tf32(), configs.interpreting(), envvars.get("FLASHFUSE_CACHE_DIR"))
 
 
 # -- per-call-signature plans ---------------------------------------------------------------------
@@ -353,24 +328,18 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
     m = m.contiguous()  # the forward's own [B, Hq, M] outputs: already contiguous, no copy
     log_l = log_l.contiguous()
-    dq_atomic = _dq_atomic(q)
-    key = ("bwd", _env_key(), dq_atomic, _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(bias), _tkey(mask), ranges, _tkey(mask_kv),
+    key = ("bwd", _env_key(), _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(bias), _tkey(mask), ranges, _tkey(mask_kv),
            col_ranges, _tkey(out), _tkey(m), _tkey(log_l), _lists_key(lists), _tkey(seed_t), scale, causal, dropout_p, group,
            mask_value, needs_dbias)
     plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale,
-                                            causal, dropout_p, group, mask_value, needs_dbias, dq_atomic))
+                                            causal, dropout_p, group, mask_value, needs_dbias))
     delta = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
-    # zeroed by the preprocess when dK/dV accumulates dQ into it
-    dq_acc = torch.empty((b, hq, m_len, d), dtype=torch.float32, device=q.device) if dq_atomic else None
     dbias_buf = plan.dbias_buffer(bias) if needs_dbias else None
     kv_lists, q_lists = (None, None) if lists is None else (lists.kv, lists.q)
     with _device_guard(q):
-        plan.preprocess(out, dout, delta, dq_acc)
-        plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf, dq_acc, q_lists)
-        if dq_atomic:
-            torch.mul(dq_acc, scale, out=dq)  # one elementwise kernel: scale and cast
-        else:
-            plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
+        plan.preprocess(out, dout, delta)
+        plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf, q_lists)
+        plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
     dbias = None
     if needs_dbias:
         dbias = dbias_buf.to(bias.dtype) if plan.dbias_atomic else dbias_buf
@@ -378,19 +347,17 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
 
 
 class _BackwardPlan:
-    """The backward's launches for one call signature (see the plans section above); no dq with atomic dQ."""
+    """The backward's three launches for one call signature (see the plans section above)."""
 
     __slots__ = ("preprocess", "dkdv", "dq", "full_shape", "skips", "dbias_atomic")
 
     def __init__(self, dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale, causal, dropout_p,
-                 group, mask_value, needs_dbias, dq_atomic=False):
+                 group, mask_value, needs_dbias):
         b, hq, m_len, d = q.shape
         hkv, n_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
         mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
-        variant = _variant(q, k, v, bias, mask, causal, dropout, needs_dbias, dq_atomic)
+        variant = _variant(q, k, v, bias, mask, causal, dropout, needs_dbias)
         options = variant.options
-        # the accumulator attention_backward allocates: contiguous [B, Hq, M, D] fp32
-        dqa_strides = (hq * m_len * d, m_len * d, d, 1) if dq_atomic else (0, 0, 0, 0)
         _, *kv_list_args = _list_args(None if lists is None else lists.kv)
         _, *q_list_args = _list_args(None if lists is None else lists.q)
         self.full_shape, self.skips = (b, hq, m_len, n_len), bool(causal) or lists is not None
@@ -408,19 +375,18 @@ class _BackwardPlan:
         # q's strides serve dq, k's dk, v's dv: empty_like keeps a dense input's layout
         self.preprocess = _prepared(
             "bwd_preprocess", variant.kernel("bwd_preprocess"), lambda meta: (-(-m_len // meta["BLOCK_M"]), b * hq),
-            (*out.stride(), *dout.stride(), *dqa_strides, hq, m_len, _bucket(m_len)),
-            dict(HEAD_DIM=d, BLOCK_D=options["block_d"], HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"]),
+            (*out.stride(), *dout.stride(), hq, m_len, _bucket(m_len)), dict(HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"]),
         )
         self.dkdv = _prepared(
             "bwd_dkdv", variant.kernel("bwd_dkdv"), lambda meta: (-(-n_len // meta["BLOCK_N"]), b * hkv),
             (*q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask_kv),
-             *dout.stride(), *dk.stride(), *dv.stride(), *db_strides, *dqa_strides, *q_list_args[:3],
+             *dout.stride(), *dk.stride(), *dv.stride(), *db_strides, *q_list_args[:3],
              hq, hkv, group, m_len, n_len, q_list_args[3], _bucket(m_len), _bucket(n_len),
              qk_scale, float(scale), mask_value, dropout_t, dropout_scale),
             dict(BIAS_GRAD=needs_dbias, DBIAS_ATOMIC=self.dbias_atomic, BIAS_ROW_BCAST=bias_row_bcast, **common,
                  COL_RANGES=col_ranges),
         )
-        self.dq = None if dq_atomic else _prepared(
+        self.dq = _prepared(
             "bwd_dq", variant.kernel("bwd_dq"), lambda meta: (-(-m_len // meta["BLOCK_M"]), b * hq),
             (*q.stride(), *k.stride(), *v.stride(), *_bcast_strides(bias), *_bcast_strides(mask),
              *dout.stride(), *dq.stride(), *kv_list_args[:3],

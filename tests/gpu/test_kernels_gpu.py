@@ -173,32 +173,6 @@ def test_dropout_exact_mask_gqa_fp16():
     run_case(torch.float16, hq=8, group=4, m=512, n=1000, d=128, dropout_p=0.3, mask_shape=(2, 8, 512, 1000))
 
 
-# -- atomic dQ: the dK/dV kernel accumulates dQ in fp32 (FLASHFUSE_DQ_ATOMIC=1) ----------------------
-
-DQ_ATOMIC_CASES = {
-    "bf16-D64-causal": dict(dtype=torch.bfloat16, m=1000, n=1000, d=64, causal=True),
-    "bf16-D128-4096-causal": dict(dtype=torch.bfloat16, b=1, m=4096, n=4096, d=128, causal=True),
-    "bf16-D80-gqa-bias-finite-mask": dict(dtype=torch.bfloat16, hq=8, group=2, m=1000, n=1000, d=80, causal=True,
-                                          bias_shape=(1, 8, 1000, 1000), mask_shape=(2, 1, 1000, 1000), mask_value=F32_MIN),
-    "fp16-D128-gqa-dropout-cross": dict(dtype=torch.float16, hq=8, group=4, m=512, n=1000, d=128, dropout_p=0.3,
-                                        mask_shape=(2, 8, 512, 1000)),
-    "fp32-D64-mask-bias": dict(dtype=torch.float32, b=2, hq=4, m=512, n=512, d=64, bias_shape=(2, 1, 1, 512), mask_shape=(2, 1, 1, 512)),
-    "bf16-document-eager-ranges": dict(dtype=torch.bfloat16, b=1, hq=4, m=4096, n=4096, d=128, causal=True,
-                                       mask=mp.document([1000, 2000, 1096])[None, None], eager=True),
-}
-
-
-@pytest.mark.parametrize("name", sorted(DQ_ATOMIC_CASES))
-def test_dq_atomic_matches_oracle(monkeypatch, name):
-    monkeypatch.setenv("FLASHFUSE_DQ_ATOMIC", "1")
-    built = []
-    real = triton_attention._prepared
-    monkeypatch.setattr(triton_attention, "_prepared", lambda kind, *a: built.append(kind) or real(kind, *a))
-    triton_attention.reset()
-    run_case(**DQ_ATOMIC_CASES[name])
-    assert "bwd_dkdv" in built and "bwd_dq" not in built, built
-
-
 # -- block sparsity found from the mask, and an explicit layout, at N=4096 ----------------------------
 
 SPARSE_PATTERNS = {
