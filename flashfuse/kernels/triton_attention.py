@@ -334,11 +334,13 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale,
                                             causal, dropout_p, group, mask_value, needs_dbias))
     delta = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
+    # LOG2_DOMAIN: the preprocess folds m and log_l into one row statistic for dK/dV
+    lse = torch.empty_like(delta) if plan.log2_domain else log_l
     dbias_buf = plan.dbias_buffer(bias) if needs_dbias else None
     kv_lists, q_lists = (None, None) if lists is None else (lists.kv, lists.q)
     with _device_guard(q):
-        plan.preprocess(out, dout, delta)
-        plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, m, log_l, delta, dk, dv, dbias_buf, q_lists)
+        plan.preprocess(out, dout, delta, m, log_l, lse)
+        plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, lse if plan.log2_domain else m, log_l, delta, dk, dv, dbias_buf, q_lists)
         plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
     dbias = None
     if needs_dbias:
@@ -349,7 +351,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
 class _BackwardPlan:
     """The backward's three launches for one call signature (see the plans section above)."""
 
-    __slots__ = ("preprocess", "dkdv", "dq", "full_shape", "skips", "dbias_atomic")
+    __slots__ = ("preprocess", "dkdv", "dq", "full_shape", "skips", "dbias_atomic", "log2_domain")
 
     def __init__(self, dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale, causal, dropout_p,
                  group, mask_value, needs_dbias):
@@ -358,6 +360,7 @@ class _BackwardPlan:
         mask_value, log2_domain, qk_scale, dropout, dropout_scale = _scalars(scale, bias, mask, mask_value, dropout_p)
         variant = _variant(q, k, v, bias, mask, causal, dropout, needs_dbias)
         options = variant.options
+        self.log2_domain = log2_domain
         _, *kv_list_args = _list_args(None if lists is None else lists.kv)
         _, *q_list_args = _list_args(None if lists is None else lists.q)
         self.full_shape, self.skips = (b, hq, m_len, n_len), bool(causal) or lists is not None
@@ -375,7 +378,8 @@ class _BackwardPlan:
         # q's strides serve dq, k's dk, v's dv: empty_like keeps a dense input's layout
         self.preprocess = _prepared(
             "bwd_preprocess", variant.kernel("bwd_preprocess"), lambda meta: (-(-m_len // meta["BLOCK_M"]), b * hq),
-            (*out.stride(), *dout.stride(), hq, m_len, _bucket(m_len)), dict(HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"]),
+            (*out.stride(), *dout.stride(), hq, m_len, _bucket(m_len)),
+            dict(HEAD_DIM_V=dv_dim, BLOCK_DV=options["block_dv"], LOG2_DOMAIN=log2_domain),
         )
         self.dkdv = _prepared(
             "bwd_dkdv", variant.kernel("bwd_dkdv"), lambda meta: (-(-n_len // meta["BLOCK_N"]), b * hkv),
