@@ -86,7 +86,10 @@ CONFIGS: Dict[str, List[Dict[str, Any]]] = {
     ],
     "bwd_dkdv": [
         {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "max_block_d": 64},
-        {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 64, "extra": True},
+        # NB: D=128 on an H100 (config_probe.py, 2026-11-22 16:17, dP^T issued before P^T): N=16K
+        # causal 3687 us against 3771 us for the 2-stage config below; documents of 2048 1093 vs
+        # 1083 us, sliding window 4096 1717 vs 1716 us. So the autotuner times both at D=128.
+        {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128, "extra_below_d": 128},
         {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "max_block_d": 128, "extra": True},
         {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "max_block_d": 128},
         # NB: D=128 on an H100 (benchmarks/config_probe.py --d 128, 2026-11-22 11:58): 1.19 vs 1.63 ms
