@@ -334,7 +334,8 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale,
                                             causal, dropout_p, group, mask_value, needs_dbias))
     delta = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
-    # LOG2_DOMAIN: the preprocess folds m and log_l into one row statistic for dK/dV
+    # LOG2_DOMAIN: the preprocess folds m and log_l into one row statistic for dK/dV (otherwise
+    # it writes no Lse, and dK/dV reads m and log_l)
     lse = torch.empty_like(delta) if plan.log2_domain else log_l
     dbias_buf = plan.dbias_buffer(bias) if needs_dbias else None
     kv_lists, q_lists = (None, None) if lists is None else (lists.kv, lists.q)
