@@ -334,14 +334,14 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale,
                                             causal, dropout_p, group, mask_value, needs_dbias))
     delta = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
-    # LOG2_DOMAIN: the preprocess folds m and log_l into one row statistic for dK/dV (otherwise
-    # it writes no Lse, and dK/dV reads m and log_l)
-    lse = torch.empty_like(delta) if plan.log2_domain else log_l
+    # LOG2_DOMAIN: the preprocess folds m and log_l into one row statistic, Lse, which dK/dV reads
+    # in m's place; otherwise there is no Lse and dK/dV reads m and log_l
+    lse = torch.empty_like(delta) if plan.log2_domain else None
     dbias_buf = plan.dbias_buffer(bias) if needs_dbias else None
     kv_lists, q_lists = (None, None) if lists is None else (lists.kv, lists.q)
     with _device_guard(q):
         plan.preprocess(out, dout, delta, m, log_l, lse)
-        plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, lse if plan.log2_domain else m, log_l, delta, dk, dv, dbias_buf, q_lists)
+        plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, m if lse is None else lse, log_l, delta, dk, dv, dbias_buf, q_lists)
         plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
     dbias = None
     if needs_dbias:
