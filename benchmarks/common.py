@@ -365,14 +365,31 @@ def cuda_profile(fn: Callable[[], Any], iters: int):
 
 
 def kernel_ms(fn: Callable[[], Any], iters: int = 3) -> Optional[float]:
-    """GPU time per call of fn: the summed durations of the device events (kernels, memsets,
-    copies) torch.profiler records over `iters` calls, divided by iters. Host time and the gaps
-    between kernels are left out, so this is the work a call puts on the GPU."""
+    """GPU time per call of fn: how long the GPU was busy with the device events (kernels,
+    memsets, copies) torch.profiler records over `iters` calls, divided by iters. Host time and
+    the gaps between kernels are left out, so this is the work a call puts on the GPU. Events
+    that overlap (flashfuse's dQ runs on a second stream beside dK/dV) count once: the union of
+    their intervals, which is their summed durations when nothing overlaps."""
     from torch.autograd import DeviceType
 
     prof = cuda_profile(fn, iters)
-    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
-    return total_us / iters / 1e3 if total_us > 0 else None
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return busy_us(spans) / iters / 1e3 if spans else None
+
+
+def busy_us(spans) -> float:
+    """Total length of the union of sorted (start, end) intervals."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in spans:
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: str) -> tuple[Optional[float], Optional[float]]:

@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import tempfile
+from typing import Optional
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU target, not the interpreter rendering
 
@@ -86,8 +87,9 @@ def launch_args(kind: str, n: int, d: int, heads: int, mask, causal: bool, dtype
     return seen[kind]
 
 
-def resources(kernel, args: tuple, kwargs: dict, config: dict) -> tuple:
-    """(registers, shared bytes, stack bytes) of `kernel` compiled for sm_90 with these arguments."""
+def resources(kernel, args: tuple, kwargs: dict, config: dict, waits: Optional[list] = None) -> tuple:
+    """(registers, shared bytes, stack bytes) of `kernel` compiled for sm_90 with these arguments.
+    waits: a list that gets `loop_waits` of the compiled TTGIR."""
     from flashfuse.kernels import launch
 
     jit, rules = launch._jit_of(kernel)
@@ -114,6 +116,8 @@ def resources(kernel, args: tuple, kwargs: dict, config: dict) -> tuple:
             signature[name], constants[name] = "constexpr", a
     options = {k: config[k] for k in ("num_warps", "num_stages", "maxnreg") if k in config}
     compiled = triton.compile(ASTSource(jit, signature, constants, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+    if waits is not None:
+        waits.extend(loop_waits(compiled.asm["ttgir"]))
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
@@ -125,6 +129,21 @@ def resources(kernel, args: tuple, kwargs: dict, config: dict) -> tuple:
         return int(found.group(1)) if found else None
 
     return field("REG"), compiled.metadata.shared, field("STACK")
+
+
+def loop_waits(ttgir: str) -> list:
+    """For each pipelined loop (scf.for) of a TTGIR module, in order, the `num` of the first
+    ttg.async_wait inside it: how many groups of copies may stay in flight, num_stages - 1 per
+    streamed tile set for a fully pipelined loop, 0 when a loop waits for every copy it issued."""
+    found, in_loop = [], False
+    for line in ttgir.splitlines():
+        if "scf.for" in line:
+            in_loop = True
+        elif in_loop and "ttg.async_wait" in line:
+            m = re.search(r"num = (\d+)", line)
+            found.append(int(m.group(1)) if m else None)
+            in_loop = False
+    return found
 
 
 def pruned_configs(kind: str, kernel, args: tuple, kwargs: dict, smem_limit: int) -> list:
@@ -165,6 +184,7 @@ def main() -> None:
     p.add_argument("--ranges", action="store_true", help="the mask as row ranges (MASK_RANGES), as eager calls pass interval masks")
     p.add_argument("--kinds", default="fwd", help="comma list of fwd, bwd_dq, bwd_dkdv")
     p.add_argument("--configs", nargs="+", default=["64,64,4,3"], help="or `pruned`: every config the op's pruning keeps")
+    p.add_argument("--loop-waits", action="store_true", help="also print each loop's first async_wait num (loop_waits)")
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     mask = build_mask(args.mask, args.n)
@@ -179,10 +199,13 @@ def main() -> None:
             chosen = [dict(zip(keys, (int(x) for x in spec.split(",")))) for spec in args.configs]
         for config in chosen:
             spec = ",".join(str(v) for v in config.values())
-            regs, shared, stack = resources(kernel, a, kw, config)
+            waits: list = []
+            regs, shared, stack = resources(kernel, a, kw, config, waits)
             print(f"{kind:9s} {spec:>16s}  mask={args.mask}{' (ranges)' if args.ranges else ''} causal={int(args.causal)} "
                   f"bias={int(args.bias)} p={args.dropout:g}  "
                   f"{regs} registers, {shared} B shared, {stack} B stack", flush=True)
+            if args.loop_waits:
+                print(f"  loop waits: {' '.join(map(str, waits))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,11 @@ def test_block_sparse_scaling_goals_fit_wall_clock_and_kernel_time():
     wall = goals["scaling fwd+bwd D=64"]
     assert wall["met"] is False and wall["values"]["flashfuse_op"] < 0.85
     assert "at N=65536 only: b=0.9" in wall["note"]
+
+
+def test_kernel_time_counts_overlapping_events_once():
+    # flashfuse's dQ runs beside dK/dV on a second stream: kernel time is the GPU's busy time
+    assert common.busy_us([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0
+    assert common.busy_us([(0.0, 1.0), (2.0, 3.0)]) == 2.0  # no overlap: the summed durations
+    assert common.busy_us([(0.0, 5.0), (1.0, 2.0)]) == 5.0  # one event inside another
+    assert common.busy_us([]) == 0.0

@@ -48,3 +48,29 @@ def test_every_pruned_config_compiles_for_sm90_within_shared_memory(case):
     for kind, config, regs, shared, stack in rows:
         assert 0 < int(regs) <= 255, (kind, config, regs)
         assert int(shared) <= configs.DEFAULT_SHARED_MEMORY, (kind, config, shared)
+
+
+# The block-sparse kernels walk three loops per program: listed partial blocks, listed full
+# blocks, then the tail. Each step reads its block from the list. When that index fed only
+# addresses, Triton's pipeliner copied it through shared memory with the tiles and then waited
+# for every copy at the top of each step (`async_wait {num = 0}`): the full-block loop, where
+# most of the work is, ran 2-deep instead of num_stages-deep (Triton 3.6 on the H100 and 3.9
+# here). The kernels now load the index one step ahead into a register.
+PIPELINE_CASES = {
+    "fwd": ("128,64,8,3", 2),       # K, V: one commit group each, num_stages - 1 = 2 in flight
+    "bwd_dq": ("128,64,8,3", 2),
+    "bwd_dkdv": ("64,128,8,3", 4),  # Q^T, dO and the row statistics
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PIPELINE_CASES))
+def test_sparse_loops_keep_the_configured_pipeline_depth(kind):
+    config, depth = PIPELINE_CASES[kind]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_resources.py"), "--n", "512", "--heads", "2",
+                           "--d", "128", "--mask", "document:128", "--ranges", "--kinds", kind, "--configs", config, "--loop-waits"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    waits = [line.split(":", 1)[1].split() for line in proc.stdout.splitlines() if line.strip().startswith("loop waits:")]
+    assert len(waits) == 1 and len(waits[0]) == 3, proc.stdout  # partial, full and tail loops
+    assert [int(w) for w in waits[0]] == [depth] * 3, proc.stdout

@@ -326,6 +326,71 @@ def test_cuda_graph_replays_prepared_launches_with_new_inputs(monkeypatch):
         assert rel_err(out, ref) < TOL[torch.bfloat16], window
 
 
+def _overlap_inputs(seed):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    q, k, v, dout = (torch.randn(1, 4, 1000, 64, device=DEV, generator=gen, dtype=torch.bfloat16) for _ in range(4))
+    keep = mp.document([300, 450, 250], device=DEV)[None, None].clone()
+    return gen, [t.requires_grad_() for t in (q, k, v)], dout, keep
+
+
+def _fwd_bwd(q, k, v, dout, keep):
+    import flashfuse
+
+    for t in (q, k, v):
+        t.grad = None
+    out = flashfuse.attention(q, k, v, mask=keep)
+    out.backward(dout)
+    return out
+
+
+def test_backward_overlap_gives_the_bits_of_one_stream(monkeypatch):
+    # The backward runs dQ on a side stream beside dK/dV; no kernel reads what the other writes,
+    # so the results are the bits that one stream gives.
+    _, (q, k, v), dout, keep = _overlap_inputs(23)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(triton_attention.OVERLAP_ENV, flag)
+        out = _fwd_bwd(q, k, v, dout, keep)
+        torch.cuda.synchronize()
+        results[flag] = [out.detach().clone()] + [t.grad.clone() for t in (q, k, v)]
+    assert q.device.index in triton_attention._side_streams, "the overlapped backward never made its side stream"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), results["0"], results["1"]):
+        assert torch.equal(a, b), name
+
+
+def test_backward_overlap_in_a_cuda_graph(monkeypatch):
+    # A CUDA graph of a whole fwd+bwd captures the side stream's fork and join, and replays with
+    # new inputs and a new mask. Fresh leaves: autograd keeps each leaf's gradient node on the
+    # stream of its first backward, and the capture must be that stream.
+    monkeypatch.setenv(bs.CACHE_ENV, "0")
+    monkeypatch.setenv(triton_attention.OVERLAP_ENV, "1")
+    gen, (q, k, v), dout, keep = _overlap_inputs(29)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile, then remember the direct entries
+            _fwd_bwd(q, k, v, dout, keep)
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (q, k, v):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _fwd_bwd(q, k, v, dout, keep)
+    for lengths in ([500, 500], [100, 650, 250]):
+        with torch.no_grad():
+            for t in (q, k, v, dout):
+                t.copy_(torch.randn(t.shape, device=DEV, generator=gen, dtype=t.dtype))
+            keep.copy_(mp.document(lengths, device=DEV)[None, None])
+        graph.replay()
+        torch.cuda.synchronize()
+        qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref, _ = oracle.attention(qr, kr, vr, mask=keep)
+        ref.backward(dout.float())
+        assert rel_err(out, ref) < TOL[torch.bfloat16], lengths
+        for name, got, want in (("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
+            assert rel_err(got, want) < TOL[torch.bfloat16], (lengths, name)
+
+
 # -- every forward config of one shape (opt-in: compiles each) --------------------------------------
 
 def _all_fwd_configs():
