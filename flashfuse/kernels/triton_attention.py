@@ -357,13 +357,16 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
             # of 2048 2.46 -> 2.33; causal and documents of 8192 unchanged; N=64K sliding
             # window 1024 5.94 -> 6.18.
             main = torch.cuda.current_stream(q.device)
-            side.wait_stream(main)
+            side.fork.record(main)
+            side.stream.wait_event(side.fork)
             plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, m if lse is None else lse, log_l, delta, dk, dv, dbias_buf, q_lists)
+            torch.cuda.set_stream(side.stream)
             try:
-                with torch.cuda.stream(side):
-                    plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
+                plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
             finally:
-                main.wait_stream(side)
+                torch.cuda.set_stream(main)
+                side.join.record(side.stream)
+                main.wait_event(side.join)
     dbias = None
     if needs_dbias:
         dbias = dbias_buf.to(bias.dtype) if plan.dbias_atomic else dbias_buf
@@ -376,15 +379,28 @@ OVERLAP_ENV = "FLASHFUSE_BWD_OVERLAP"
 _side_streams: dict = {}
 
 
-def _side_stream(t: Tensor) -> Optional["torch.cuda.Stream"]:
-    """The stream dQ runs on beside dK/dV: one per CUDA device, made once; None off CUDA or when
-    FLASHFUSE_BWD_OVERLAP=0."""
+class _SideStream:
+    """The stream dQ runs on beside dK/dV, with the two events of its fork and join. The events
+    are reused: a wait is enqueued on the event's state when it is issued, and each backward
+    issues its waits before it records the event again (Stream.wait_stream made a new event per
+    call)."""
+
+    __slots__ = ("stream", "fork", "join")
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.fork = torch.cuda.Event()
+        self.join = torch.cuda.Event()
+
+
+def _side_stream(t: Tensor) -> Optional[_SideStream]:
+    """dQ's side stream for t's CUDA device, made once; None off CUDA or when FLASHFUSE_BWD_OVERLAP=0."""
     if not t.is_cuda or envvars.get(OVERLAP_ENV, "1") == "0":
         return None
-    stream = _side_streams.get(t.device.index)
-    if stream is None:
-        stream = _side_streams[t.device.index] = torch.cuda.Stream(t.device)
-    return stream
+    side = _side_streams.get(t.device.index)
+    if side is None:
+        side = _side_streams[t.device.index] = _SideStream(t.device)
+    return side
 
 
 class _BackwardPlan:
