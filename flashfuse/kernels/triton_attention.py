@@ -29,9 +29,11 @@ call signature's launches are kept as a plan (below), so a repeated call only pa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -356,6 +358,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
             # documents of 512 3.60 -> 3.31, sliding window 4096 18.72 -> 18.02, N=16K documents
             # of 2048 2.46 -> 2.33; causal and documents of 8192 unchanged; N=64K sliding
             # window 1024 5.94 -> 6.18.
+            overlap_stats["backward"] += 1
             main = torch.cuda.current_stream(q.device)
             side.fork.record(main)
             side.stream.wait_event(side.fork)
@@ -376,7 +379,13 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
 # FLASHFUSE_BWD_OVERLAP=0: run dQ after dK/dV on the caller's stream (one kernel at a time, as a
 # per-kernel profile wants them)
 OVERLAP_ENV = "FLASHFUSE_BWD_OVERLAP"
-_side_streams: dict = {}
+# Side streams per thread and device: the reused fork / join events must not be recorded by
+# another thread between one backward's record and its wait (the autograd engine runs a
+# device's backward on one thread, but the launchers may be called from any).
+_side_local = threading.local()
+# backward calls that ran dQ on the side stream (tests assert on it: the backward runs on the
+# autograd engine's thread, where the caller cannot see the thread-local streams)
+overlap_stats: collections.Counter = collections.Counter()
 
 
 class _SideStream:
@@ -394,12 +403,16 @@ class _SideStream:
 
 
 def _side_stream(t: Tensor) -> Optional[_SideStream]:
-    """dQ's side stream for t's CUDA device, made once; None off CUDA or when FLASHFUSE_BWD_OVERLAP=0."""
+    """dQ's side stream for t's CUDA device, made once per thread; None off CUDA or when
+    FLASHFUSE_BWD_OVERLAP=0."""
     if not t.is_cuda or envvars.get(OVERLAP_ENV, "1") == "0":
         return None
-    side = _side_streams.get(t.device.index)
+    streams = getattr(_side_local, "streams", None)
+    if streams is None:
+        streams = _side_local.streams = {}
+    side = streams.get(t.device.index)
     if side is None:
-        side = _side_streams[t.device.index] = _SideStream(t.device)
+        side = streams[t.device.index] = _SideStream(t.device)
     return side
 
 

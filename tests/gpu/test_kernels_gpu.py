@@ -347,15 +347,33 @@ def test_backward_overlap_gives_the_bits_of_one_stream(monkeypatch):
     # The backward runs dQ on a side stream beside dK/dV; no kernel reads what the other writes,
     # so the results are the bits that one stream gives.
     _, (q, k, v), dout, keep = _overlap_inputs(23)
-    results = {}
+    results, overlapped = {}, {}
     for flag in ("0", "1"):
         monkeypatch.setenv(triton_attention.OVERLAP_ENV, flag)
+        before = triton_attention.overlap_stats["backward"]
         out = _fwd_bwd(q, k, v, dout, keep)
         torch.cuda.synchronize()
+        overlapped[flag] = triton_attention.overlap_stats["backward"] - before
         results[flag] = [out.detach().clone()] + [t.grad.clone() for t in (q, k, v)]
-    assert q.device.index in triton_attention._side_streams, "the overlapped backward never made its side stream"
+    assert overlapped == {"0": 0, "1": 1}, overlapped
     for name, a, b in zip(("out", "dq", "dk", "dv"), results["0"], results["1"]):
         assert torch.equal(a, b), name
+
+
+def test_backward_side_streams_are_per_thread(monkeypatch):
+    # The fork / join events are reused by every backward of a thread; another thread recording
+    # them between one backward's record and its wait would let dQ start before the preprocess.
+    import threading
+
+    monkeypatch.setenv(triton_attention.OVERLAP_ENV, "1")
+    t = torch.empty(1, device=DEV)
+    got = []
+    worker = threading.Thread(target=lambda: got.extend([triton_attention._side_stream(t), triton_attention._side_stream(t)]))
+    worker.start()
+    worker.join()
+    mine = triton_attention._side_stream(t)
+    assert got[0] is got[1] and mine is triton_attention._side_stream(t)
+    assert mine is not got[0] and mine.stream != got[0].stream and mine.fork is not got[0].fork
 
 
 def test_backward_overlap_in_a_cuda_graph(monkeypatch):
