@@ -343,11 +343,9 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     kv_lists, q_lists = (None, None) if lists is None else (lists.kv, lists.q)
     with _device_guard(q):
         plan.preprocess(out, dout, delta, m, log_l, lse)
+        row_stat = m if lse is None else lse
         side = _side_stream(q)
-        if side is None:
-            plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, m if lse is None else lse, log_l, delta, dk, dv, dbias_buf, q_lists)
-            plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
-        else:
+        if side is not None:
             # dQ runs beside dK/dV (they read the same inputs and write different outputs), so
             # the SMs that one kernel's last wave leaves idle start the other's programs.
             # dK/dV, the longer one, is launched first. The join comes before returning, also
@@ -362,7 +360,10 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
             main = torch.cuda.current_stream(q.device)
             side.fork.record(main)
             side.stream.wait_event(side.fork)
-            plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, m if lse is None else lse, log_l, delta, dk, dv, dbias_buf, q_lists)
+        plan.dkdv(q, k, v, bias, mask_kv, seed_t, dout, row_stat, log_l, delta, dk, dv, dbias_buf, q_lists)
+        if side is None:
+            plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
+        else:
             torch.cuda.set_stream(side.stream)
             try:
                 plan.dq(q, k, v, bias, mask, seed_t, dout, m, log_l, delta, dq, kv_lists)
