@@ -6,7 +6,8 @@
 #        probes (benchmarks/config_probe.py: forced configs on PROBE_CELL), probes-ranges (the same with row ranges on and off), sweep-small (N=512,1024,2048 bf16), sweep-large (N=4096,8192,16384 bf16),
 #        sweep-fp16, sweep-dropout, sweep-fp16-rest, sweep-dropout-rest, sweep-fp16-dropout, sweep-context (mem-efficient, eager, Inductor), e2e-all (the three models), e2e-gpt2bert, e2e-vit, block-sparse (quick), block-sparse-d64 / -d128 (full grid, one head dim),
 #        block-sparse-quick-d128 (quick grid at D=128, the op and Flex only), probes-dkdv-d128 (dK/dV configs on PROBE_CELL),
-#        flex-sources (copy Inductor's generated Flex template kernels of this run), host-profile, memory.
+#        flex-sources (copy Inductor's generated Flex template kernels of this run), host-profile,
+#        paired (benchmarks/paired_cells.py: op, op without the overlap and Flex timed in alternating rounds), memory.
 set -uo pipefail
 # The device returns at most 8 files: everything is written under $W and packed into $OUT/run.tgz.
 OUT=${OUT:-/tmp/flashfuse_out}; W=${W:-/tmp/flashfuse_work}; mkdir -p "$OUT" "$W"
@@ -54,6 +55,7 @@ for spec in "$@"; do
         block-sparse-quick-d128) cmd=(python3 benchmarks/block_sparse.py --quick --head-dims 128 --impls flashfuse_op,flex --budget-s $budget --out "$W") ;;
         probes-dkdv-d128) cmd=(python3 benchmarks/config_probe.py --d 128 --cell ${PROBE_CELL:-16384,document,2048} --kind bwd_dkdv --configs 64,128,8,2 64,128,8,3 32,128,8,3) ;;
         flex-sources) cmd=(bash -c "mkdir -p $W/flex_sources; grep -rl --include='*.py' -e 'flex_attention_backward' -e 'def triton_tem_fused' \${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_\$(whoami)} | head -40 | xargs -r cp -t $W/flex_sources; ls $W/flex_sources") ;;
+        paired) cmd=(bash -c "python3 benchmarks/paired_cells.py --d 128; python3 benchmarks/paired_cells.py --d 64 --rounds 5 --cells 4096,sliding,1024 4096,document,2048 16384,sliding,256") ;;
         host-profile) cmd=(bash -c "python3 benchmarks/host_profile.py --n 4096 --pattern sliding --param 1024 --trace $W/traces; python3 benchmarks/host_profile.py --n 16384 --pattern document --param 512") ;;
         memory) cmd=(python3 benchmarks/memory_scaling.py --quick --budget-s $budget --out "$W") ;;
         *) echo "unknown step $step"; continue ;;

@@ -50,14 +50,20 @@ def is_strict(strict: bool = False) -> bool:
     return bool(strict) or envvars.get(STRICT_ENV, "") not in ("", "0")
 
 
-def _run(kernel: str, device: torch.device, strict: bool, fn: str, *args):
-    """impl.<fn>(*args) on the kernel `kernel` resolves to; Triton failures fall back (see above)."""
+def _run(kernel: str, device: torch.device, strict: bool, fn: str, *args, reuse: Optional[dict] = None):
+    """impl.<fn>(*args) on the kernel `kernel` resolves to; Triton failures fall back (see above).
+
+    reuse: a dict the Triton launchers share between an eager forward and its backward
+    (`triton_attention.attention_forward`'s docstring); the reference kernel ignores it.
+    """
     if resolve_kernel(kernel, device) != "triton":
         return getattr(reference, fn)(*args)
     try:
         from flashfuse.kernels import triton_attention
 
-        return getattr(triton_attention, fn)(*args)
+        if reuse is None:
+            return getattr(triton_attention, fn)(*args)
+        return getattr(triton_attention, fn)(*args, reuse=reuse)
     except Exception as e:
         if is_strict(strict):
             raise
@@ -303,11 +309,13 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, rest):
         mask, seed, block_layout, scale, causal, dropout_p, gqa_group, mask_value, kernel = rest
         _check_real(q, k, v, bias, mask, gqa_group)
+        reuse = {}
         with block_sparse.eager_call():
             out, m, log_l = _run(kernel, q.device, False, "attention_forward", q, k, v, bias, mask, scale, causal, dropout_p, seed,
-                                 gqa_group, mask_value, block_layout)
+                                 gqa_group, mask_value, block_layout, reuse=reuse)
         ctx.save_for_backward(q, k, v, bias, mask, seed, out, m, log_l, block_layout)
         ctx.args = rest[3:]
+        ctx.reuse = reuse
         return out
 
     @staticmethod
@@ -318,7 +326,7 @@ class _EagerAttention(torch.autograd.Function):
         needs_dbias = bias is not None and ctx.needs_input_grad[3]
         with block_sparse.eager_call():
             dq, dk, dv, dbias = _run(kernel, q.device, False, "attention_backward", dout, q, k, v, bias, mask, out, m, log_l, scale,
-                                     causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, block_layout)
+                                     causal, dropout_p, seed, gqa_group, mask_value, needs_dbias, block_layout, reuse=ctx.reuse)
         return dq, dk, dv, (dbias if needs_dbias else None), None
 
 

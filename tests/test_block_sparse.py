@@ -595,6 +595,44 @@ def test_eager_calls_drop_a_mask_the_lists_describe(monkeypatch, causal):
 
 
 @needs_interpreter
+def test_eager_backward_reuses_the_forward_lists(monkeypatch):
+    # An eager fwd+bwd with a cached mask looks its lists up once: the forward hands them and its
+    # plan key to the backward (triton_attention's `reuse`). Uncached calls (FLASHFUSE_MASK_CACHE=0)
+    # build them in each pass, as before. Gradients match the oracle either way, and a backward
+    # whose dout is laid out differently gets a plan of its own (launch.audit would refuse a
+    # plan whose launches were made for another layout).
+    import flashfuse
+    from flashfuse.kernels import triton_attention
+
+    bs.kernel_list_cache.clear()
+    lookups = _spy(monkeypatch, triton_attention, "_lists")
+    gen = torch.Generator().manual_seed(11)
+    keep = mp.document([50, 90, 60])[None, None]
+    for env, want_lookups in ((None, 1), ("0", 2)):
+        if env is None:
+            monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(bs.CACHE_ENV, env)
+        for dout_layout in ("dense", "transposed"):
+            lookups.clear()
+            q, k, v = (torch.randn(1, 2, 200, 16, generator=gen, requires_grad=True) for _ in range(3))
+            out = flashfuse.attention(q, k, v, mask=keep, kernel="triton")
+            dout = torch.randn(out.shape, generator=gen)
+            if dout_layout == "transposed":
+                dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
+            plans = len(triton_attention._plans)
+            got = torch.autograd.grad(out, (q, k, v), dout)
+            assert len(lookups) == want_lookups, (env, dout_layout)
+            if dout_layout == "transposed" and env is None:
+                assert len(triton_attention._plans) == plans + 1  # a new backward signature
+            qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+            ref, _ = oracle.attention(qd, kd, vd, None, keep, 16 ** -0.5, False)
+            want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
+            for g_, w in zip(got, want):
+                assert _rel(g_, w) < 1e-5, (env, dout_layout)
+
+
+@needs_interpreter
 def test_block_sparse_attention_caches_the_layout_summary(monkeypatch):
     # Eager calls with one layout build its lists once; an in-place change to the layout is seen.
     import flashfuse

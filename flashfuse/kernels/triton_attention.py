@@ -242,11 +242,14 @@ def reset() -> None:
     _cached_variant.cache_clear()
 
 
-def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value, block_layout=None):
+def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group, mask_value, block_layout=None, reuse=None):
     """-> (out [B, Hq, M, Dv] as a transpose of a [B, M, Hq, Dv] tensor, m, log_l [B, Hq, M] fp32).
 
     block_layout: None or an int8 block summary [B|1, Hq|1, cdiv(M, 128), cdiv(N, 128)]
     (block_sparse.EMPTY blocks are not computed: their scores are -inf).
+    reuse: a dict (an eager call's, ops._EagerAttention) that this call fills for the backward
+    of the same call, which gets it back: the lists it used and its plan key, with which the
+    backward skips its own lists lookup and most of its key (see attention_backward).
     """
     b, hq, m_len, d = q.shape
     n_len, dv = k.shape[2], v.shape[3]
@@ -268,6 +271,10 @@ def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group
     key = ("fwd", _env_key(), _tkey(q), _tkey(k), _tkey(v), _tkey(bias), _tkey(kmask), ranges, _lists_key(lists),
            _tkey(seed_t), scale, causal, dropout_p, group, mask_value)
     plan = _plan(key, lambda: _forward_plan(q, k, v, bias, kmask, ranges, lists, out, scale, causal, dropout_p, group, mask_value))
+    if reuse is not None and (lists is None or lists.no_partial is not None):
+        # only cached lists (no_partial is known for those alone): the backward's own lookup
+        # would find the same ones, or rebuild equal ones from the same unchanged tensors
+        reuse["lists"], reuse["key"] = lists, (key, _tkey(mask))
     with _device_guard(q):
         plan(q, k, v, bias, kmask, seed_t, out, m_stat, log_l, None if lists is None else lists.kv)
     return out, m_stat, log_l
@@ -310,8 +317,16 @@ def _dbias_buffer(bias: Tensor, full_shape, skips: bool):
 
 
 def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, dropout_p, seed, group, mask_value, needs_dbias,
-                       block_layout=None):
-    """-> (dq, dk, dv, dbias or None) with the shapes and dtypes of q, k, v, bias."""
+                       block_layout=None, reuse=None):
+    """-> (dq, dk, dv, dbias or None) with the shapes and dtypes of q, k, v, bias.
+
+    reuse: what attention_forward left for this backward (its docstring), or None. Only for a
+    backward that gets the forward's own inputs and outputs, as autograd hands them back: the
+    forward's key then covers every input here but dout (out, m and log_l are the forward's
+    fresh allocations, laid out by q, k and v) and the forward's mask.
+    NB: an eager fwd+bwd with a mask, 75.6 -> ... us of Python host time
+    (benchmarks/host_profile.py --stub, CPU proxy, 2026-11-23).
+    """
     b, hq, m_len, d = q.shape
     n_len = k.shape[2]
     needs_dbias = bool(needs_dbias) and bias is not None
@@ -324,15 +339,19 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
         dv.zero_()
         return dq, dk, dv, (torch.zeros_like(bias) if needs_dbias else None)
 
-    lists = _lists(bias, mask, block_layout, mask_value, causal, m_len, n_len)
+    fwd_key = reuse.get("key") if reuse else None
+    lists = reuse["lists"] if fwd_key is not None else _lists(bias, mask, block_layout, mask_value, causal, m_len, n_len)
     mask_kv, col_ranges = _kernel_mask(mask, lists, kv_walk=True)
     mask, ranges = _kernel_mask(mask, lists)
     seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
     m = m.contiguous()  # the forward's own [B, Hq, M] outputs: already contiguous, no copy
     log_l = log_l.contiguous()
-    key = ("bwd", _env_key(), _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(bias), _tkey(mask), ranges, _tkey(mask_kv),
-           col_ranges, _tkey(out), _tkey(m), _tkey(log_l), _lists_key(lists), _tkey(seed_t), scale, causal, dropout_p, group,
-           mask_value, needs_dbias)
+    if fwd_key is not None:
+        key = ("bwd", fwd_key, _env_key(), _tkey(dout), needs_dbias)
+    else:
+        key = ("bwd", _env_key(), _tkey(dout), _tkey(q), _tkey(k), _tkey(v), _tkey(bias), _tkey(mask), ranges, _tkey(mask_kv),
+               col_ranges, _tkey(out), _tkey(m), _tkey(log_l), _lists_key(lists), _tkey(seed_t), scale, causal, dropout_p, group,
+               mask_value, needs_dbias)
     plan = _plan(key, lambda: _BackwardPlan(dout, q, k, v, bias, mask, ranges, mask_kv, col_ranges, out, dq, dk, dv, lists, scale,
                                             causal, dropout_p, group, mask_value, needs_dbias))
     delta = torch.empty((b, hq, m_len), dtype=torch.float32, device=q.device)
