@@ -95,3 +95,41 @@ def test_kernel_time_counts_overlapping_events_once():
     assert common.busy_us([(0.0, 1.0), (2.0, 3.0)]) == 2.0  # no overlap: the summed durations
     assert common.busy_us([(0.0, 5.0), (1.0, 2.0)]) == 5.0  # one event inside another
     assert common.busy_us([]) == 0.0
+
+
+def test_block_sparse_paired_rounds_alternate_and_take_medians(monkeypatch):
+    # paired_rounds times the kept cells of op and Flex in rounds whose order flips, makes the
+    # median of the rounds the row's time, keeps the single-pass time beside it, and the flex
+    # goal's note gives the single-pass geomean too.
+    import contextlib
+
+    import block_sparse
+
+    order = []
+    samples = {"flashfuse_op": [5.0, 1.0, 2.0, 9.0, 3.0], "flex": [4.0, 4.0, 1.0, 6.0, 5.0]}
+
+    def fake_bench(fn, device, warmup, rep):
+        impl, field = fn()
+        order.append((impl, field))
+        if field == "fwd":
+            return 0.5
+        return samples[impl][sum(1 for i, f in order if i == impl and f == "fwdbwd") - 1]
+
+    monkeypatch.setattr(block_sparse, "bench_ms", fake_bench)
+    monkeypatch.setattr(block_sparse, "time_limit", lambda s: contextlib.nullcontext())
+    runner = type("R", (), {"opts": type("O", (), {"rep": 50.0, "warmup": 10.0, "device": "cpu"})(), "cell_limit": lambda self: 60.0})()
+    keep = {}
+    for impl, single in (("flashfuse_op", 4.0), ("flex", 2.0)):
+        row = {"suite": "block_sparse", "impl": impl, "N": 4096, "D": 64, "pattern": "sliding", "window_or_doclen": 256,
+               "variant": f"{impl}:sliding:256", "fwd_ms": 0.7, "fwdbwd_ms": single}
+        keep[impl] = (row, (lambda impl=impl: (impl, "fwd")), (lambda impl=impl: (impl, "fwdbwd")), 1e9)
+    block_sparse.paired_rounds(runner, keep)
+    firsts = [order[i][0] for i in range(0, len(order), 4)]  # each round: fwd, fwdbwd of one impl, then the other's
+    assert firsts == ["flashfuse_op", "flex", "flashfuse_op", "flex", "flashfuse_op"]
+    op, flex = keep["flashfuse_op"][0], keep["flex"][0]
+    assert op["fwdbwd_ms"] == 3.0 and op["fwdbwd_ms_single"] == 4.0 and op["paired_rounds"] == 5
+    assert flex["fwdbwd_ms"] == 4.0 and flex["fwdbwd_ms_single"] == 2.0
+    assert op["fwd_ms"] == 0.5 and op["fwd_ms_single"] == 0.7
+    goal = [g for g in block_sparse.compute_goals([op, flex]) if g["goal"].startswith("block-sparse fwd+bwd vs flex")][0]
+    assert abs(goal["values"]["flashfuse_op"] - 4.0 / 3.0) < 1e-9
+    assert "single-pass geomean 0.500x" in goal["note"]

@@ -487,7 +487,8 @@ def test_eager_calls_compute_interval_masks_from_row_ranges(monkeypatch, name):
     out = flashfuse.attention(q, k, v, mask=mask, kernel="triton", **kw)
     dout = torch.randn(out.shape, generator=gen)
     got = torch.autograd.grad(out, (q, k, v), dout)
-    flags = {kind: flag for kind, flag in launched if kind != "bwd_preprocess"}
+    # the attention kernels' launches (the list kernels' go through `launch` too on their first call)
+    flags = {kind: flag for kind, flag in launched if kind in ("fwd", "bwd_dkdv", "bwd_dq")}
     assert flags == {"fwd": rows, "bwd_dkdv": cols, "bwd_dq": rows}, launched
     torch.manual_seed(3)
     seed = int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64))
@@ -630,6 +631,34 @@ def test_eager_backward_reuses_the_forward_lists(monkeypatch):
             want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
             for g_, w in zip(got, want):
                 assert _rel(g_, w) < 1e-5, (env, dout_layout)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True])
+def test_cached_lists_count_their_blocks_for_the_backward(monkeypatch, causal):
+    # Cached lists learn how many blocks they hold (in the one sync per cached mask), and the
+    # backward sizes its work from that count (triton_attention.backward_work decides whether dQ
+    # runs beside dK/dV); uncached lists have no count, and the work is then the dense one.
+    from flashfuse.kernels import triton_attention as ta
+
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    bs.kernel_list_cache.clear()
+    keep = mp.document([100, 156, 44])[None, None]  # 300 x 300: 3 x 3 blocks of 128
+    with bs.eager_call():
+        lists = bs.kernel_lists(None, keep, None, 128, 300, 300, causal=causal, finite_fill=False)
+    summary = bs.summarize(keep, 128, 128)[0, 0]
+    r = torch.arange(3)[:, None]
+    c = torch.arange(3)[None, :]
+    # the lists hold non-EMPTY blocks before each row's tail block: c < min(r, N // 128) if causal, else c < N // 128
+    in_lists = (c < torch.clamp(r, max=300 // 128)) if causal else (c < 300 // 128)
+    want = int(((summary != bs.EMPTY) & in_lists).sum())
+    assert lists.listed == want > 0
+    assert ta.backward_work((2, 4, 300, 64), 300, lists, causal) == (want + 3) * 2 * 4 * 64
+    uncached = bs.kernel_lists(None, keep, None, 128, 300, 300, causal=causal, finite_fill=False)  # no eager_call: not cached
+    assert uncached.listed is None
+    dense = 2 * 4 * 3 * 3 * 64
+    assert ta.backward_work((2, 4, 300, 64), 300, uncached, causal) == (dense // 2 if causal else dense)
+    assert ta.backward_work((2, 4, 300, 64), 300, None, False) == dense
 
 
 @needs_interpreter

@@ -311,6 +311,10 @@ class KernelLists:
     # column keeps one interval of queries (and the mask has more than one row). dK/dV, which
     # walks the queries of a fixed key block, computes its tiles from these (COL_RANGES).
     col_ranges: Optional[Tensor] = None
+    # Blocks the kv lists hold (PARTIAL + FULL, over the lists' [Bs, Hs] dims; the tail blocks
+    # the kernels take from the status entries are not in it). Known only for cached lists (the
+    # same host sync); the backward sizes its work with it (triton_attention._overlap).
+    listed: Optional[int] = None
     # (kept, first, last) per mask row / column from the summary pass, until build_cached reads them
     row_stats: Optional[Tensor] = None
     col_stats: Optional[Tensor] = None
@@ -431,9 +435,12 @@ def kernel_lists(bias: Optional[Tensor], mask: Optional[Tensor], layout: Optiona
         lists = build(row_stats=ranges_on)
         found = [(name, *row_ranges(stats)) for name, stats in (("ranges", lists.row_stats), ("col_ranges", lists.col_stats))
                  if stats is not None]
-        values = torch.stack([(lists.summary == PARTIAL).any()] + [ok for _, _, ok in found]).tolist()  # the one sync per cached mask
+        flags = [(lists.summary == PARTIAL).any()] + [ok for _, _, ok in found]
+        listed = lists.kv[..., :2].sum(dtype=torch.int64)
+        values = torch.cat([torch.stack(flags).to(torch.int64), listed[None]]).tolist()  # the one sync per cached mask
         lists.no_partial = not values[0]
-        for (name, ranges, _), ok in zip(found, values[1:]):
+        lists.listed = values[-1]
+        for (name, ranges, _), ok in zip(found, values[1:-1]):
             if ok:
                 setattr(lists, name, ranges)
         lists.row_stats = lists.col_stats = None

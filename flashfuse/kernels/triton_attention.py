@@ -324,8 +324,9 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     backward that gets the forward's own inputs and outputs, as autograd hands them back: the
     forward's key then covers every input here but dout (out, m and log_l are the forward's
     fresh allocations, laid out by q, k and v) and the forward's mask.
-    NB: an eager fwd+bwd with a mask, 75.6 -> ... us of Python host time
-    (benchmarks/host_profile.py --stub, CPU proxy, 2026-11-23).
+    NB: an eager fwd+bwd with a mask took 76-82 us of Python host time before and 68-71 us with
+    reuse (host_profile.py's stub launches, N=4K sliding window 1024, CPU machine, three runs
+    each, 2026-11-22).
     """
     b, hq, m_len, d = q.shape
     n_len = k.shape[2]
@@ -363,7 +364,7 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     with _device_guard(q):
         plan.preprocess(out, dout, delta, m, log_l, lse)
         row_stat = m if lse is None else lse
-        side = _side_stream(q)
+        side = _side_stream(q) if _overlap(q, k, lists, causal) else None
         if side is not None:
             # dQ runs beside dK/dV (they read the same inputs and write different outputs), so
             # the SMs that one kernel's last wave leaves idle start the other's programs.
@@ -396,9 +397,46 @@ def attention_backward(dout, q, k, v, bias, mask, out, m, log_l, scale, causal, 
     return dq, dk, dv, dbias
 
 
-# FLASHFUSE_BWD_OVERLAP=0: run dQ after dK/dV on the caller's stream (one kernel at a time, as a
+# FLASHFUSE_BWD_OVERLAP: unset, dQ runs beside dK/dV when the backward's work reaches
+# OVERLAP_MIN_WORK (below, one stream); 1: always beside; 0: never (one kernel at a time, as a
 # per-kernel profile wants them)
 OVERLAP_ENV = "FLASHFUSE_BWD_OVERLAP"
+# The backward's work in (head, query block, key block) visits x head dim, at SPARSE_BLOCK tiles,
+# from which the side stream pays. Its fork and join cost host time (two event records, two
+# waits, two stream switches), which an eager call whose GPU work is shorter than its host
+# time pays in full, while the overlap's gain grows with the work.
+# NB: H100 host, eager fwd+bwd in alternating rounds against one stream (benchmarks/paired_cells.py,
+# 2026-11-22 19:43): cells of 2K-8K visits at D=64/128 (0.3-0.5 M here; 0.45-0.7 ms per call,
+# host-bound) took 0.45-0.61 ms on one stream and 0.53-0.68 ms beside it, host time 460-570 against
+# 540-650 us; N=16K documents of 2048 at D=128 (32K visits, 4.2 M) took 2.52 ms beside, 2.57 on
+# one stream, and N=64K documents of 512 (4.2 M) 3.31 against 3.60 ms (17:45). 16K visits at
+# D=128 is about 1 ms of backward on the H100.
+OVERLAP_MIN_WORK = 16384 * 128
+
+
+def _overlap(q: Tensor, k: Tensor, lists, causal: bool) -> bool:
+    """Whether dQ runs beside dK/dV: FLASHFUSE_BWD_OVERLAP, else backward_work >= OVERLAP_MIN_WORK."""
+    if not q.is_cuda:
+        return False
+    flag = envvars.get(OVERLAP_ENV, "")
+    if flag in ("0", "1"):
+        return flag == "1"
+    return backward_work(q.shape, k.shape[2], lists, causal) >= OVERLAP_MIN_WORK
+
+
+def backward_work(q_shape, n_len: int, lists, causal: bool) -> int:
+    """(head, query block, key block) visits x head dim of a backward, at SPARSE_BLOCK tiles: the
+    cached lists' blocks plus one tail block per query block row; without a count (no lists, or
+    uncached ones: compiled graphs) every block, half of them when causal."""
+    b, hq, m_len, d = q_shape
+    mb, nb = -(-m_len // SPARSE_BLOCK), -(-n_len // SPARSE_BLOCK)
+    listed = None if lists is None else lists.listed
+    if listed is not None:
+        bs, hs = lists.kv.shape[:2]
+        blocks = (listed + bs * hs * mb) * (b * hq // (bs * hs))
+    else:
+        blocks = b * hq * mb * nb // (2 if causal else 1)
+    return blocks * d
 # Side streams per thread and device: the reused fork / join events must not be recorded by
 # another thread between one backward's record and its wait (the autograd engine runs a
 # device's backward on one thread, but the launchers may be called from any).
@@ -423,9 +461,8 @@ class _SideStream:
 
 
 def _side_stream(t: Tensor) -> Optional[_SideStream]:
-    """dQ's side stream for t's CUDA device, made once per thread; None off CUDA or when
-    FLASHFUSE_BWD_OVERLAP=0."""
-    if not t.is_cuda or envvars.get(OVERLAP_ENV, "1") == "0":
+    """dQ's side stream for t's CUDA device, made once per thread; None off CUDA."""
+    if not t.is_cuda:
         return None
     streams = getattr(_side_local, "streams", None)
     if streams is None:

@@ -360,6 +360,31 @@ def test_backward_overlap_gives_the_bits_of_one_stream(monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_backward_overlap_follows_the_work(monkeypatch):
+    # FLASHFUSE_BWD_OVERLAP unset: dQ goes beside dK/dV only when the backward's work reaches
+    # OVERLAP_MIN_WORK. A small masked call (its cached lists count its blocks) stays on one
+    # stream; a dense call of 16 heads x 32 x 32 blocks at D=128 (exactly the threshold) and a
+    # masked one whose mask keeps every block go beside; the same call with
+    # FLASHFUSE_BWD_OVERLAP=0 does not.
+    monkeypatch.delenv(triton_attention.OVERLAP_ENV, raising=False)
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    _, (q, k, v), dout, keep = _overlap_inputs(31)
+    gen = torch.Generator(device=DEV).manual_seed(37)
+    big = [torch.randn(1, 16, 4096, 128, device=DEV, generator=gen, dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+    big_dout = torch.randn(1, 16, 4096, 128, device=DEV, generator=gen, dtype=torch.bfloat16)
+    all_kept = torch.ones(1, 1, 4096, 4096, dtype=torch.bool, device=DEV)
+    assert triton_attention.backward_work((1, 16, 4096, 128), 4096, None, False) == triton_attention.OVERLAP_MIN_WORK
+    cases = [("small", (q, k, v, dout, keep), None, 0), ("dense", (*big, big_dout, None), None, 1),
+             ("all kept", (*big, big_dout, all_kept), None, 1), ("dense, off", (*big, big_dout, None), "0", 0)]
+    for name, args, flag, want in cases:
+        if flag is not None:
+            monkeypatch.setenv(triton_attention.OVERLAP_ENV, flag)
+        before = triton_attention.overlap_stats["backward"]
+        _fwd_bwd(*args)
+        torch.cuda.synchronize()
+        assert triton_attention.overlap_stats["backward"] - before == want, name
+
+
 def test_backward_side_streams_are_per_thread(monkeypatch):
     # The fork / join events are reused by every backward of a thread; another thread recording
     # them between one backward's record and its wait would let dQ start before the preprocess.
