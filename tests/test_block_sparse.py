@@ -634,6 +634,45 @@ def test_eager_backward_reuses_the_forward_lists(monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.kernel_fallback
+def test_a_forward_that_falls_back_hands_nothing_to_its_backward(monkeypatch):
+    # A Triton forward that raises falls back to the reference kernel, whose outputs the
+    # forward's plan key does not describe: its backward must build its own key (and look its
+    # lists up again) rather than reuse the failed forward's, and still match the oracle.
+    import flashfuse
+    from flashfuse.kernels import triton_attention
+
+    monkeypatch.delenv(bs.CACHE_ENV, raising=False)
+    bs.kernel_list_cache.clear()
+    real_plan = triton_attention._plan
+
+    def failing_forward(key, build):
+        plan = real_plan(key, build)
+        if key[0] != "fwd":
+            return plan
+
+        def boom(*tensors):
+            raise RuntimeError("injected forward launch failure")
+        return boom
+
+    monkeypatch.setattr(triton_attention, "_plan", failing_forward)
+    lookups = _spy(monkeypatch, triton_attention, "_lists")
+    gen = torch.Generator().manual_seed(13)
+    keep = mp.document([50, 90, 60])[None, None]
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out = flashfuse.attention(q, k, v, mask=keep, kernel="triton")
+    dout = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    assert len(lookups) == 2  # the failed forward's and the backward's own
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = oracle.attention(qd, kd, vd, None, keep, 16 ** -0.5, False)
+    want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
+    assert _rel(out, ref) < 1e-5
+    for g_, w in zip(got, want):
+        assert _rel(g_, w) < 1e-5
+
+
+@needs_interpreter
 @pytest.mark.parametrize("causal", [False, True])
 def test_cached_lists_count_their_blocks_for_the_backward(monkeypatch, causal):
     # Cached lists learn how many blocks they hold (in the one sync per cached mask), and the

@@ -271,12 +271,14 @@ def attention_forward(q, k, v, bias, mask, scale, causal, dropout_p, seed, group
     key = ("fwd", _env_key(), _tkey(q), _tkey(k), _tkey(v), _tkey(bias), _tkey(kmask), ranges, _lists_key(lists),
            _tkey(seed_t), scale, causal, dropout_p, group, mask_value)
     plan = _plan(key, lambda: _forward_plan(q, k, v, bias, kmask, ranges, lists, out, scale, causal, dropout_p, group, mask_value))
-    if reuse is not None and (lists is None or lists.no_partial is not None):
-        # only cached lists (no_partial is known for those alone): the backward's own lookup
-        # would find the same ones, or rebuild equal ones from the same unchanged tensors
-        reuse["lists"], reuse["key"] = lists, (key, _tkey(mask))
     with _device_guard(q):
         plan(q, k, v, bias, kmask, seed_t, out, m_stat, log_l, None if lists is None else lists.kv)
+    if reuse is not None and (lists is None or lists.no_partial is not None):
+        # Only after the launch: a forward that raises falls back to the reference kernel,
+        # whose outputs this key does not describe. Only cached lists (no_partial is known for
+        # those alone): the backward's own lookup would find the same ones, or rebuild equal
+        # ones from the same unchanged tensors.
+        reuse["lists"], reuse["key"] = lists, (key, _tkey(mask))
     return out, m_stat, log_l
 
 
