@@ -176,6 +176,16 @@ def run_sparse(mask=None, bias=None, layout=None, dense=None, causal=False, b=1,
     return out
 
 
+def _check_against_oracle(q, k, v, keep, out, dout, grads, causal=False, what=None):
+    """out and grads (of q, k, v under dout) against the fp64 oracle with mask `keep`."""
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = oracle.attention(qd, kd, vd, None, keep, 16 ** -0.5, causal)
+    want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
+    assert _rel(out, ref) < 1e-5, what
+    for g_, w in zip(grads, want):
+        assert _rel(g_, w) < 1e-5, what
+
+
 def _spy(monkeypatch, module, name, record=lambda *a, **kw: a[:1]) -> list:
     """Wrap module.name so each call appends record(*args, **kwargs) to the returned list."""
     calls, real = [], getattr(module, name)
@@ -584,12 +594,7 @@ def test_eager_calls_drop_a_mask_the_lists_describe(monkeypatch, causal):
         out = flashfuse.attention(q, k, v, mask=keep, causal=causal, kernel="triton")
         dout = torch.randn(out.shape, generator=gen)
         got = torch.autograd.grad(out, (q, k, v), dout)
-        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref, _ = oracle.attention(qd, kd, vd, None, keep, 16 ** -0.5, causal)
-        want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
-        assert _rel(out, ref) < 1e-5
-        for g_, w in zip(got, want):
-            assert _rel(g_, w) < 1e-5
+        _check_against_oracle(q, k, v, keep, out, dout, got, causal)
         kinds = {kind for kind, flag in launched if flag is not None}
         assert kinds == {"fwd", "bwd_dkdv", "bwd_dq"}, launched
         assert all(flag is has_mask for _, flag in launched if flag is not None), (env, launched)
@@ -626,11 +631,7 @@ def test_eager_backward_reuses_the_forward_lists(monkeypatch):
             assert len(lookups) == want_lookups, (env, dout_layout)
             if dout_layout == "transposed" and env is None:
                 assert len(triton_attention._plans) == plans + 1  # a new backward signature
-            qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-            ref, _ = oracle.attention(qd, kd, vd, None, keep, 16 ** -0.5, False)
-            want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
-            for g_, w in zip(got, want):
-                assert _rel(g_, w) < 1e-5, (env, dout_layout)
+            _check_against_oracle(q, k, v, keep, out, dout, got, what=(env, dout_layout))
 
 
 @needs_interpreter
@@ -664,12 +665,7 @@ def test_a_forward_that_falls_back_hands_nothing_to_its_backward(monkeypatch):
     dout = torch.randn(out.shape, generator=gen)
     got = torch.autograd.grad(out, (q, k, v), dout)
     assert len(lookups) == 2  # the failed forward's and the backward's own
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = oracle.attention(qd, kd, vd, None, keep, 16 ** -0.5, False)
-    want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
-    assert _rel(out, ref) < 1e-5
-    for g_, w in zip(got, want):
-        assert _rel(g_, w) < 1e-5
+    _check_against_oracle(q, k, v, keep, out, dout, got)
 
 
 @needs_interpreter
