@@ -21,10 +21,11 @@ impls (rows' `impl`):
                       backend (`sdpa_backend`). It computes every block whatever the mask, so above
                       --sdpa-once-above (default 16384) it runs on one pattern per N only.
 
-Host-bound cells (fwd+bwd under 5 ms): once flashfuse_op and flex have both run on a mask, the
-two are timed again in 5 rounds, each once per round in turn (paired_rounds); the medians are
-their fwd_ms / fwdbwd_ms, the single pass stays in fwd_ms_single / fwdbwd_ms_single. A single
-pass times the impls seconds apart, and the host's load moves in between.
+Host-bound cells (fwd+bwd under 5 ms): once flashfuse_op, _tiles, _layout and flex have run on a
+mask, they are timed again in 5 rounds, each once per round in turn (paired_rounds); the medians
+are their fwd_ms / fwdbwd_ms, the single pass stays in fwd_ms_single / fwdbwd_ms_single. A
+single pass times the impls seconds apart, and the host's load moves in between. sdpa_mask
+(a later pass) and flashfuse_dense (once per N) keep single passes.
 
 density = fraction of non-empty 128x128 blocks (flashfuse.kernels.block_sparse.summarize),
 elem_density = fraction of kept elements. gpu_fwdbwd_ms (flashfuse_op, flex; CUDA) = the GPU's
@@ -70,13 +71,14 @@ LINEAR_LO, LINEAR_HI = 0.85, 1.15
 OUT_TOL = 0.08                  # bf16/fp16 max abs difference accepted between impls
 HOST_CHECK_BELOW_MS = 5.0       # host time per fwd+bwd is measured for cells faster than this (slower ones are GPU-bound)
 KERNEL_TIME_IMPLS = ("flashfuse_op", "flex")  # gpu_fwdbwd_ms (torch.profiler device time) for these
-# Host-bound cells (fwd+bwd under HOST_CHECK_BELOW_MS) of these impls are timed again in
-# PAIRED_ROUNDS alternating rounds once both have run (paired_rounds).
+# Host-bound cells (fwd+bwd under HOST_CHECK_BELOW_MS) of these impls (the first pass's, but for
+# the dense baseline, which runs once per N) are timed again in PAIRED_ROUNDS alternating rounds
+# once all have run on a mask (paired_rounds). SDPA runs in a later pass: its rows stay single.
 # NB: single-pass wall clock of one host-bound cell moved 0.37-1.6 ms between the runs of one
 # code on the H100 host (N=4K documents of 512 at D=128, 2026-11-22 runs), and op / Flex ratios of
 # those cells ranged 0.5-2.6x; in alternating rounds (benchmarks/paired_cells.py, 19:43) the
 # per-round ratios of one cell stayed within about +-15%.
-PAIRED = ("flashfuse_op", "flex")
+PAIRED = ("flashfuse_op", "flashfuse_op_tiles", "flashfuse_layout", "flex")
 PAIRED_ROUNDS = 5
 
 
@@ -420,8 +422,6 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
                 return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
 
             common.time_fwdbwd(row, fwdbwd, fl, o)
-            if keep is not None and impl in PAIRED and row.get("fwdbwd_ms") is not None and row["fwdbwd_ms"] < HOST_CHECK_BELOW_MS:
-                keep[impl] = (row, (lambda fn=fn: fn(q, k, v)), fwdbwd, fl)
             if row.get("fwdbwd_ms") is not None and row["fwdbwd_ms"] < HOST_CHECK_BELOW_MS:
                 # NB: single 20-call loops of one cell read 660-3348 us on the H100 host (2026-11-22
                 # 11:26); the least of five loops is what host_profile.py reports too
@@ -434,6 +434,10 @@ def cell(args, runner: Runner, impl: str, cfg: AttnConfig, case: MaskCase | None
                     row["gpu_fwdbwd_error"] = describe_error(e)
             stage = "peak"
             row["peak_mb"], row["peak_delta_mb"] = common.peak_memory_mb(fwdbwd, o.device)
+            if keep is not None and impl in PAIRED and row.get("fwdbwd_ms") is not None and row["fwdbwd_ms"] < HOST_CHECK_BELOW_MS:
+                # the rounds re-enter this cell's switches (strict kernels, row ranges)
+                switches = (ours and o.device == "cuda" and not args.no_strict, impl != "flashfuse_op_tiles")
+                keep[impl] = (row, (lambda fn=fn: fn(q, k, v)), fwdbwd, fl, switches)
     except (Exception, CellTimeout) as e:  # noqa: BLE001  (every failure is a row)
         common.record_failure(row, e, stage, caught)
     finally:
@@ -456,20 +460,24 @@ def paired_rounds(runner: Runner, keep: dict) -> None:
     rep = max(o.rep / 2, 10.0)
     impls = [i for i in PAIRED if i in keep]
     got = {i: {"fwd_ms": [], "fwdbwd_ms": []} for i in impls}
+    fb0 = _fallbacks()
     try:
         with time_limit(runner.cell_limit()):
             for r in range(PAIRED_ROUNDS):
                 for impl in (impls if r % 2 == 0 else impls[::-1]):
-                    _, fwd, fwdbwd, _ = keep[impl]
-                    got[impl]["fwd_ms"].append(bench_ms(fwd, o.device, o.warmup, rep))
-                    got[impl]["fwdbwd_ms"].append(bench_ms(fwdbwd, o.device, o.warmup, rep))
+                    _, fwd, fwdbwd, _, (strict, ranges) = keep[impl]
+                    with strict_kernels(strict), mask_ranges(ranges):
+                        got[impl]["fwd_ms"].append(bench_ms(fwd, o.device, o.warmup, rep))
+                        got[impl]["fwdbwd_ms"].append(bench_ms(fwdbwd, o.device, o.warmup, rep))
+        if _fallbacks() > fb0:
+            raise RuntimeError("a Triton kernel fell back to flashfuse's reference kernel")
     except (Exception, CellTimeout) as e:  # noqa: BLE001  (the single-pass values stand)
         for impl in impls:
             row = keep[impl][0]
             row["note"] = (row.get("note", "") + f" paired rounds failed: {describe_error(e)}").strip()
         return
     for impl in impls:
-        row, _, _, fl = keep[impl]
+        row, _, _, fl, _ = keep[impl]
         for field, factor in (("fwd_ms", 1.0), ("fwdbwd_ms", common.FWD_BWD_FACTOR)):
             row[field + "_single"] = row[field]
             row[field] = sorted(got[impl][field])[PAIRED_ROUNDS // 2]
@@ -566,7 +574,7 @@ def run_group(args, runner: Runner, d: int, n: int, h: int, wins, docs, impls: l
                 skip = (f"unsupported: {pat} has {case.n_partial} partially masked 128x128 blocks; a layout block is "
                         f"computed in full (use the mask: flashfuse_op)")
             cell(args, runner, impl, cfg, case, inputs, ref, skip, keep)
-        if len(keep) == len(PAIRED):
+        if "flex" in keep and len(keep) > 1:
             paired_rounds(runner, keep)
         keep.clear()
         case.free()
@@ -662,10 +670,11 @@ def compute_goals(rows) -> list:
                         worst = f"min {ratios[k]:.2f}x at {_label(k)}"
             note = "(flashfuse_layout: document masks only)" if vals.get("flashfuse_layout") is not None else ""
             paired = sum(1 for r in _rows(rows) if r.get("impl") == "flashfuse_op" and r.get("paired_rounds"))
-            single = geomean(_speedups(rows, "flashfuse_op", peer, field, single=True).values()) if peer == "flex" else None
-            if paired and single is not None:
-                note = (note + f" flashfuse_op: {paired} host-bound configs timed in {PAIRED_ROUNDS} rounds alternating with "
-                        f"flex (paired_rounds); single-pass geomean {single:.3f}x").strip()
+            single = geomean(_speedups(rows, "flashfuse_op", peer, field, single=True).values()) if paired else None
+            if single is not None:
+                against = "alternating with flex" if peer == "flex" else f"against single passes of {peer}"
+                note = (note + f" flashfuse_op: {paired} host-bound configs timed in {PAIRED_ROUNDS} rounds {against} "
+                        f"(paired_rounds); single-pass geomean {single:.3f}x").strip()
             goals.append(common.goal(f"block-sparse {fname} vs {peer}, same mask (speedup, geomean)", ">= 1.0x", ">=", 1.0,
                                      vals, n, worst, note))
     for d in sorted({r["D"] for r in _rows(rows) if r.get("D")}):

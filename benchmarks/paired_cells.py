@@ -9,11 +9,13 @@ both see the same stretch of the host's state; the spread across rounds shows th
     python benchmarks/paired_cells.py [--d 128] [--rounds 7] [--cells 4096,document,512 4096,sliding,256]
 
 Per round and impl: do_bench median fwd+bwd ms (`wall`), and host us per call (`host`, least
-of 3 loops of 20 calls issued without waiting). Impls: op (flashfuse.attention with the mask),
-op_serial (the same with FLASHFUSE_BWD_OVERLAP=0: dQ after dK/dV on one stream) and flex
-(compiled flex_attention with create_block_mask); op_nogc and flex_nogc time with Python's
-garbage collector off (does a collection's pause land in one impl's loops more than the
-other's?). The last lines: per cell and impl the median
+of 3 loops of 20 calls issued without waiting). Impls: op (flashfuse.attention with the mask,
+FLASHFUSE_BWD_OVERLAP as the environment has it: unset, the side stream follows the work),
+op_overlap (FLASHFUSE_BWD_OVERLAP=1: dQ beside dK/dV on a second stream), op_serial
+(FLASHFUSE_BWD_OVERLAP=0: dQ after dK/dV on one stream) and flex (compiled flex_attention with
+create_block_mask). Before commit 2b1dc33 `op` always ran dQ beside dK/dV, as op_overlap does
+now. op_nogc and flex_nogc time with Python's garbage collector off (does a collection's pause
+land in one impl's loops more than the other's?). The last lines: per cell and impl the median
 over rounds, and the median of the per-round ratios flex / impl.
 """
 
@@ -33,17 +35,18 @@ import torch  # noqa: E402
 import block_sparse as suite  # noqa: E402
 import common  # noqa: E402
 
-IMPLS = ("op", "op_serial", "flex", "op_nogc", "flex_nogc")
+IMPLS = ("op", "op_overlap", "op_serial", "flex", "op_nogc", "flex_nogc")
+_OVERLAP = {"op_overlap": "1", "op_serial": "0"}  # FLASHFUSE_BWD_OVERLAP per impl (else as the environment has it)
 
 
 @contextlib.contextmanager
 def _impl_env(impl: str):
-    """op_serial: FLASHFUSE_BWD_OVERLAP=0; *_nogc: Python's garbage collector off while timing."""
+    """op_overlap / op_serial: FLASHFUSE_BWD_OVERLAP=1 / 0; *_nogc: Python's garbage collector off while timing."""
     was = gc.isenabled()
     if impl.endswith("_nogc"):
         gc.disable()
     try:
-        with suite._env("FLASHFUSE_BWD_OVERLAP", "0" if impl == "op_serial" else None):
+        with suite._env("FLASHFUSE_BWD_OVERLAP", _OVERLAP.get(impl)):
             yield
     finally:
         if was:

@@ -122,7 +122,7 @@ def test_block_sparse_paired_rounds_alternate_and_take_medians(monkeypatch):
     for impl, single in (("flashfuse_op", 4.0), ("flex", 2.0)):
         row = {"suite": "block_sparse", "impl": impl, "N": 4096, "D": 64, "pattern": "sliding", "window_or_doclen": 256,
                "variant": f"{impl}:sliding:256", "fwd_ms": 0.7, "fwdbwd_ms": single}
-        keep[impl] = (row, (lambda impl=impl: (impl, "fwd")), (lambda impl=impl: (impl, "fwdbwd")), 1e9)
+        keep[impl] = (row, (lambda impl=impl: (impl, "fwd")), (lambda impl=impl: (impl, "fwdbwd")), 1e9, (False, True))
     block_sparse.paired_rounds(runner, keep)
     firsts = [order[i][0] for i in range(0, len(order), 4)]  # each round: fwd, fwdbwd of one impl, then the other's
     assert firsts == ["flashfuse_op", "flex", "flashfuse_op", "flex", "flashfuse_op"]

@@ -407,8 +407,8 @@ OVERLAP_ENV = "FLASHFUSE_BWD_OVERLAP"
 # from which the side stream pays. Its fork and join cost host time (two event records, two
 # waits, two stream switches), which an eager call whose GPU work is shorter than its host
 # time pays in full, while the overlap's gain grows with the work.
-# NB: H100 host, eager fwd+bwd in alternating rounds against one stream (benchmarks/paired_cells.py,
-# 2026-11-22 19:43): cells of 2K-8K visits at D=64/128 (0.3-0.5 M here; 0.45-0.7 ms per call,
+# NB: H100 host, eager fwd+bwd with dQ always beside dK/dV against one stream, in alternating rounds
+# (benchmarks/paired_cells.py at c88839c, 2026-11-22 19:43): cells of 2K-8K visits at D=64/128 (0.3-0.5 M here; 0.45-0.7 ms per call,
 # host-bound) took 0.45-0.61 ms on one stream and 0.53-0.68 ms beside it, host time 460-570 against
 # 540-650 us; N=16K documents of 2048 at D=128 (32K visits, 4.2 M) took 2.52 ms beside, 2.57 on
 # one stream, and N=64K documents of 512 (4.2 M) 3.31 against 3.60 ms (17:45). 16K visits at
@@ -428,8 +428,9 @@ def _overlap(q: Tensor, k: Tensor, lists, causal: bool) -> bool:
 
 def backward_work(q_shape, n_len: int, lists, causal: bool) -> int:
     """(head, query block, key block) visits x head dim of a backward, at SPARSE_BLOCK tiles: the
-    cached lists' blocks plus one tail block per query block row; without a count (no lists, or
-    uncached ones: compiled graphs) every block, half of them when causal."""
+    cached lists' blocks plus one tail block per query block row (one too many for rows whose
+    last block is a listed full one: a sizing estimate); without a count (no lists, or uncached
+    ones: compiled graphs) every block, half of them when causal."""
     b, hq, m_len, d = q_shape
     mb, nb = -(-m_len // SPARSE_BLOCK), -(-n_len // SPARSE_BLOCK)
     listed = None if lists is None else lists.listed
