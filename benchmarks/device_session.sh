@@ -10,9 +10,7 @@
 #        paired (benchmarks/paired_cells.py: op, op without the overlap and Flex timed in alternating rounds), memory.
 set -uo pipefail
 # The device returns at most 8 files: everything is written under $W and packed into $OUT/run.tgz.
-# A fresh $W per call: a reused device machine kept an earlier call's files in a fixed folder,
-# and they went into run.tgz with this call's (2026-11-22).
-OUT=${OUT:-/tmp/flashfuse_out}; W=${W:-$(mktemp -d /tmp/flashfuse_work.XXXXXX)}; mkdir -p "$OUT" "$W"
+OUT=${OUT:-/tmp/flashfuse_out}; W=${W:-/tmp/flashfuse_work}; mkdir -p "$OUT" "$W"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$W/env.txt" 2>&1
 IMPLS=flashfuse,flashfuse_op,sdpa_flash,sdpa_cudnn,flex
