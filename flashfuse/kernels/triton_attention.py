@@ -7,7 +7,7 @@ contract). The kernels are rendered from `flashfuse/templates/*.py.jinja` by
     forward:  attn_fwd                     grid (cdiv(M, BLOCK_M), B * Hq)
     backward: attn_bwd_preprocess (delta)  grid (cdiv(M, BLOCK_M), B * Hq)
               attn_bwd_dkdv                grid (cdiv(N, BLOCK_N), B * Hkv)   no atomics for dk/dv
-              attn_bwd_dq                  grid (cdiv(M, BLOCK_M), B * Hq)    on a side stream, beside dK/dV
+              attn_bwd_dq                  grid (cdiv(M, BLOCK_M), B * Hq)    beside dK/dV on a side stream, for large work (_overlap)
 
 q, k, v, bias, mask, dout are read through their strides (size-1 bias/mask dims get stride 0);
 nothing is made contiguous and nothing M x N is allocated.
@@ -407,10 +407,10 @@ OVERLAP_ENV = "FLASHFUSE_BWD_OVERLAP"
 # from which the side stream pays. Its fork and join cost host time (two event records, two
 # waits, two stream switches), which an eager call whose GPU work is shorter than its host
 # time pays in full, while the overlap's gain grows with the work.
-# NB: H100 host, eager fwd+bwd with dQ always beside dK/dV against one stream, in alternating rounds
-# (benchmarks/paired_cells.py at c88839c, 2026-11-22 19:43): cells of 2K-8K visits at D=64/128 (0.3-0.5 M here; 0.45-0.7 ms per call,
-# host-bound) took 0.45-0.61 ms on one stream and 0.53-0.68 ms beside it, host time 460-570 against
-# 540-650 us; N=16K documents of 2048 at D=128 (32K visits, 4.2 M) took 2.52 ms beside, 2.57 on
+# NB: H100 host, eager fwd+bwd with dQ always beside dK/dV against one stream, in alternating
+# rounds (benchmarks/paired_cells.py at c88839c, 2026-11-22 19:43): cells of 2K-8K visits at
+# D=64/128 (0.3-0.5 M here; 0.45-0.7 ms per call, host-bound) took 0.45-0.61 ms on one stream
+# and 0.53-0.68 ms beside it, host time 460-570 against 540-650 us; N=16K documents of 2048 at D=128 (32K visits, 4.2 M) took 2.52 ms beside, 2.57 on
 # one stream, and N=64K documents of 512 (4.2 M) 3.31 against 3.60 ms (17:45). 16K visits at
 # D=128 is about 1 ms of backward on the H100.
 OVERLAP_MIN_WORK = 16384 * 128
@@ -440,6 +440,8 @@ def backward_work(q_shape, n_len: int, lists, causal: bool) -> int:
     else:
         blocks = b * hq * mb * nb // (2 if causal else 1)
     return blocks * d
+
+
 # Side streams per thread and device: the reused fork / join events must not be recorded by
 # another thread between one backward's record and its wait (the autograd engine runs a
 # device's backward on one thread, but the launchers may be called from any).
